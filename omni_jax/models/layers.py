@@ -1,0 +1,106 @@
+"""Shared Flax layers: einsum projections, RMSNorm, embeddings; all params carry logical axis names."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def dtype_of(name_or_dtype) -> jnp.dtype:
+    """'bfloat16' / jnp.bfloat16 / np.dtype -> jnp.dtype."""
+    return jnp.dtype(name_or_dtype)
+
+
+class Einsum(nn.Module):
+    """A projection written as one einsum with named dims, e.g. "btd,dnh->btnh".
+
+    `kernel_shape` and `kernel_axes` describe the weight (logical axis names for sharding); `bias_shape` /
+    `bias_axes` the optional bias added to the output's trailing dims. The dot runs in `dtype` and accumulates
+    in float32 (`preferred_element_type`), which is both exact enough and fast on CPU/TPU.
+    """
+
+    equation: str
+    kernel_shape: Sequence[int]
+    kernel_axes: Sequence[str | None]
+    bias_shape: Sequence[int] | None = None
+    bias_axes: Sequence[str | None] | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes)),
+            tuple(self.kernel_shape),
+            self.param_dtype,
+        )
+        y = jnp.einsum(
+            self.equation,
+            x.astype(self.dtype),
+            jnp.asarray(kernel, self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        if self.bias_shape is not None:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(self.bias_axes)),
+                tuple(self.bias_shape),
+                self.param_dtype,
+            )
+            y = y + jnp.asarray(bias, jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm: normalise in float32, cast back to the compute dtype, then scale by the weight."""
+
+    dim: int
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+            (self.dim,),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return jnp.asarray(scale, self.dtype) * normed.astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding table [vocab, embed]; lookup returns the compute dtype."""
+
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        table = self.param(
+            "embedding",
+            nn.with_logical_partitioning(default_kernel_init, ("vocab", "embed")),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+        return jnp.take(jnp.asarray(table, self.dtype), ids, axis=0)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical axis names (no-op without a mesh)."""
+    return nn.with_logical_constraint(x, tuple(axes))

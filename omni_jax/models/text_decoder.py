@@ -1,0 +1,184 @@
+"""Qwen2 decoder stack (thinker LM and talker): GQA with q/k/v bias, RMSNorm, SwiGLU, M-RoPE, scanned layers.
+
+One module serves training (full sequences, packed segments, remat) and serving (prefill and cached decode
+through the explicit `KVCache`).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from omni_jax.models.attention import AttentionMask, attention
+from omni_jax.models.kv_cache import KVCache
+from omni_jax.models.layers import Einsum, RMSNorm, constrain
+from omni_jax.models.rotary import apply_rotary, mrope_cos_sin
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+ACT_BATCH, ACT_LENGTH, ACT_EMBED = "activation_batch", "activation_length", "activation_embed"
+
+
+class SelfAttention(nn.Module):
+    """GQA self-attention with q/k/v bias, no o bias, M-RoPE on q and k, optional KV-cache write."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_backend: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask: AttentionMask, layer_index, write_index, cache_k, cache_v):
+        """x [B, T, D] -> ([B, T, D], cache_k, cache_v); caches are [L, B, S, K, d] or None."""
+        D, H, K, d = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q = Einsum("btd,dnh->btnh", (D, H, d), ("embed", "heads", "head_dim"), (H, d), ("heads", "head_dim"),
+                   name="q_proj", **kw)(x)
+        k = Einsum("btd,dnh->btnh", (D, K, d), ("embed", "kv_heads", "head_dim"), (K, d), ("kv_heads", "head_dim"),
+                   name="k_proj", **kw)(x)
+        v = Einsum("btd,dnh->btnh", (D, K, d), ("embed", "kv_heads", "head_dim"), (K, d), ("kv_heads", "head_dim"),
+                   name="v_proj", **kw)(x)
+        q = constrain(apply_rotary(q, cos, sin), (ACT_BATCH, ACT_LENGTH, "activation_heads", None))  # [B, T, H, d]
+        k = constrain(apply_rotary(k, cos, sin), (ACT_BATCH, ACT_LENGTH, "activation_kv_heads", None))  # [B, T, K, d]
+        v = constrain(v, (ACT_BATCH, ACT_LENGTH, "activation_kv_heads", None))
+
+        if cache_k is not None:
+            start = (layer_index, 0, write_index, 0, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+            k = cache_k[layer_index].astype(self.dtype)  # [B, S, K, d]
+            v = cache_v[layer_index].astype(self.dtype)
+
+        out = attention(q, k, v, mask, scale=d**-0.5, backend=self.attention_backend)  # [B, T, H, d]
+        out = Einsum("btnh,nhd->btd", (H, d, D), ("heads", "head_dim", "embed"), name="o_proj", **kw)(out)
+        return out, cache_k, cache_v
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    hidden_size: int
+    intermediate_size: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        D, F = self.hidden_size, self.intermediate_size
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = Einsum("btd,df->btf", (D, F), ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = Einsum("btd,df->btf", (D, F), ("embed", "mlp"), name="up_proj", **kw)(x)
+        act = constrain(nn.silu(gate) * up, (ACT_BATCH, ACT_LENGTH, "activation_mlp"))  # [B, T, F]
+        return Einsum("btf,fd->btd", (F, D), ("mlp", "embed"), name="down_proj", **kw)(act)
+
+
+class DecoderLayer(nn.Module):
+    """x -> h = x + o(Attn(RMSNorm(x))) -> h + MLP(RMSNorm(h))."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_backend: str = "xla"
+
+    @nn.compact
+    def __call__(self, carry, layer_index, cos, sin, mask: AttentionMask, write_index):
+        """carry = (x [B, T, D], cache_k, cache_v) with caches [L, B, S, K, d] or None; returns (carry, None)."""
+        x, cache_k, cache_v = carry
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = RMSNorm(self.hidden_size, self.rms_norm_eps, name="input_layernorm", **kw)(x)
+        attn_out, cache_k, cache_v = SelfAttention(
+            self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
+            attention_backend=self.attention_backend, name="self_attn", **kw,
+        )(h, cos, sin, mask, layer_index, write_index, cache_k, cache_v)
+        x = constrain(x + attn_out, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+        h = RMSNorm(self.hidden_size, self.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
+        x = constrain(x + MLP(self.hidden_size, self.intermediate_size, name="mlp", **kw)(h),
+                      (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+        return (x, cache_k, cache_v), None
+
+
+class TextDecoder(nn.Module):
+    """A stack of `num_layers` DecoderLayers under nn.scan, followed by the final RMSNorm."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_backend: str = "xla"
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,  # [B, T, D] input embeddings
+        positions: jax.Array,  # [3, B, T] RoPE positions (t, h, w)
+        segment_ids: jax.Array,  # [B, T] int32: 0 = padding; packed sequences use 1, 2, ...
+        cache: Optional[KVCache] = None,
+    ) -> tuple[jax.Array, Optional[KVCache]]:
+        """Returns the post-norm hidden states [B, T, D] and the updated cache (None without a cache)."""
+        batch, length, _ = x.shape
+        cos, sin = mrope_cos_sin(positions, self.head_dim, self.rope_theta, self.mrope_section, self.dtype)
+        x = constrain(x.astype(self.dtype), (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+
+        if cache is None:
+            slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+            mask = AttentionMask(segment_ids, segment_ids, slots, slots, causal=True)
+            write_index = jnp.zeros((), jnp.int32)
+            cache_k = cache_v = None
+        else:
+            write_index = cache.length
+            q_slots = write_index + jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+            kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
+                                                          (0, write_index))
+            kv_slots = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32), (batch, cache.max_length))
+            mask = AttentionMask(segment_ids.astype(jnp.int32), kv_segment_ids, q_slots, kv_slots, causal=True)
+            cache_k, cache_v = cache.k, cache.v
+
+        layer_cls = DecoderLayer
+        policy = REMAT_POLICIES[self.remat_policy]
+        if self.remat_policy != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
+        stack = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=self.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(
+            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size, num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
+            dtype=self.dtype, param_dtype=self.param_dtype, attention_backend=self.attention_backend, name="layers",
+        )
+        layer_indices = jnp.arange(self.num_layers, dtype=jnp.int32)
+        (x, cache_k, cache_v), _ = stack((x, cache_k, cache_v), layer_indices, cos, sin, mask, write_index)
+        x = RMSNorm(self.hidden_size, self.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k=cache_k, v=cache_v, segment_ids=mask.kv_segment_ids, length=write_index + length)
+        return x, new_cache
