@@ -11,19 +11,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omni_jax.config import REMAT_POLICIES
 from omni_jax.models.attention import AttentionMask, attention
 from omni_jax.models.kv_cache import KVCache
 from omni_jax.models.layers import Einsum, RMSNorm, constrain
 from omni_jax.models.rotary import apply_rotary, mrope_cos_sin
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
-}
 
 ACT_BATCH, ACT_LENGTH, ACT_EMBED = "activation_batch", "activation_length", "activation_embed"
 
@@ -159,8 +152,9 @@ class TextDecoder(nn.Module):
             cache_k, cache_v = cache.k, cache.v
 
         layer_cls = DecoderLayer
-        policy = REMAT_POLICIES[self.remat_policy]
-        if self.remat_policy != "none":
+        policy_name = REMAT_POLICIES[self.remat_policy]  # e.g. "dots" -> "dots_saveable"; None = no remat
+        if policy_name is not None:
+            policy = getattr(jax.checkpoint_policies, policy_name)
             layer_cls = nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
         stack = nn.scan(
             layer_cls,
