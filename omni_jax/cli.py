@@ -1,0 +1,120 @@
+"""The `omni-jax` command line (also `python -m omni_jax`)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _cmd_convert(args) -> int:
+    from convert.hf_to_orbax import convert
+
+    convert(args.hf_dir, args.out_dir, dtype=args.dtype, thinker_only=args.thinker_only)
+    print(f"converted {args.hf_dir} -> {args.out_dir}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from convert.orbax_to_hf import export
+
+    export(args.ckpt_dir, args.out_dir, dtype=args.dtype)
+    print(f"exported {args.ckpt_dir} -> {args.out_dir}")
+    return 0
+
+
+def _cmd_init(args) -> int:
+    from omni_jax.init_model import init_random_checkpoint
+
+    init_random_checkpoint(args.config, args.out_dir, seed=args.seed, overrides=args.overrides,
+                           write_tokenizer=not args.no_tokenizer)
+    print(f"wrote a randomly initialised model ({args.config}) to {args.out_dir}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import numpy as np
+
+    from omni_jax.api import OmniModel
+    from omni_jax.processing.chat_template import render_chat
+
+    if args.image or args.audio or args.video or args.audio_out:
+        print("error: --image/--audio/--video/--audio-out need the multimodal encoders and the talker, "
+              "not in this build yet", file=sys.stderr)
+        return 2
+    model = OmniModel.from_pretrained(args.model, dtype=args.dtype)
+    if model.tokenizer is None:
+        print(f"error: {args.model} has no tokenizer files (tokenizer.json or vocab.json)", file=sys.stderr)
+        return 2
+    conversation = []
+    if args.system:
+        conversation.append({"role": "system", "content": args.system})
+    conversation.append({"role": "user", "content": args.prompt})
+    prompt = render_chat(conversation, add_generation_prompt=True)
+    ids = np.asarray([model.tokenizer.encode(prompt)], np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    from omni_jax.processing.tokenizer import StreamDecoder
+
+    stream = StreamDecoder(model.tokenizer)
+    printed = [0]
+
+    def on_tokens(step, tokens):
+        for t in tokens[0, printed[0]:].tolist():
+            if t in model._eos_ids(None):
+                continue
+            sys.stdout.write(stream.put(t))
+        printed[0] = tokens.shape[1]
+        sys.stdout.flush()
+
+    model.generate(batch, max_new_tokens=args.max_new_tokens, chunk_steps=args.stream_every, on_tokens=on_tokens)
+    sys.stdout.write(stream.finish() + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omni-jax", description="Qwen2.5-Omni in JAX")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="HF safetensors dir -> omni_jax (Orbax) checkpoint dir")
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16 (default: keep)")
+    p.add_argument("--thinker-only", action="store_true",
+                   help="convert the thinker only; skip talker/token2wav tensors on purpose")
+    p.set_defaults(fn=_cmd_convert)
+
+    p = sub.add_parser("export", help="omni_jax checkpoint dir -> HF dir that transformers loads")
+    p.add_argument("ckpt_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(fn=_cmd_export)
+
+    p = sub.add_parser("init", help="write a randomly initialised model from a YAML preset (demos, tests)")
+    p.add_argument("--config", required=True, help="e.g. configs/models/tiny.yaml")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-tokenizer", action="store_true", help="do not write the Qwen tokenizer files")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.set_defaults(fn=_cmd_init)
+
+    p = sub.add_parser("generate", help="generate a reply to one prompt")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
+    p.add_argument("--image")
+    p.add_argument("--audio")
+    p.add_argument("--video")
+    p.add_argument("--speaker", default="Chelsie")
+    p.add_argument("--audio-out")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--stream-every", type=int, default=8, help="decode steps per host round trip")
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(fn=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    return int(args.fn(args) or 0)
