@@ -16,13 +16,11 @@ import numpy as np
 from omni_jax import generation
 from omni_jax.config import OmniConfig, RuntimeOptions
 from omni_jax.models.kv_cache import KVCache
-from omni_jax.models.thinker import Thinker
+from omni_jax.model_inputs import ThinkerInputs, prepare_thinker_inputs
+from omni_jax.models.thinker import Thinker, init_thinker
 from omni_jax.sharding import batch_sharding, logical_shardings, make_mesh, rules_context
 
 log = logging.getLogger(__name__)
-
-MULTIMODAL_KEYS = ("input_features", "pixel_values", "pixel_values_videos")
-
 
 @dataclasses.dataclass
 class GenerateOutput:
@@ -106,8 +104,7 @@ class OmniModel:
         return sub
 
     def _init_thinker_abstract(self):
-        ids = jnp.zeros((1, 2), jnp.int32)
-        return self.thinker.init(jax.random.key(0), ids, jnp.zeros((3, 1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32))
+        return init_thinker(self.thinker, jax.random.key(0))
 
     def thinker_param_shardings(self, mesh):
         """NamedShardings of the thinker params from their logical axis annotations."""
@@ -122,18 +119,18 @@ class OmniModel:
                 yield
 
     # ---------------------------------------------------------------- forward
-    def _thinker_forward(self, params, input_ids, positions, segment_ids, cache=None, inputs_embeds=None,
+    def _thinker_forward(self, params, input_ids, positions, segment_ids, cache=None, multimodal=None,
                          last_logits_only=False):
+        multimodal = multimodal or {}
         with rules_context():
             return self.thinker.apply({"params": params}, input_ids, positions, segment_ids, cache,
-                                      inputs_embeds, last_logits_only)
+                                      last_logits_only=last_logits_only, **multimodal)
 
-    def _check_text_only(self, batch: Mapping[str, Any]) -> None:
-        present = [k for k in MULTIMODAL_KEYS if batch.get(k) is not None]
-        if present:
-            raise NotImplementedError(
-                f"batch has {present}: audio/image/video inputs need the multimodal encoders, "
-                "which this build of omni_jax does not include yet")
+    def prepare(self, batch: Mapping[str, Any], use_audio_in_video: bool = False,
+                pad_to: int | None = None) -> ThinkerInputs:
+        """Host-side inputs (positions, encoder plans; counts checked) for a processor batch."""
+        return prepare_thinker_inputs(batch, self.config.thinker, use_audio_in_video, pad_to=pad_to,
+                                      pad_id=self._pad_id(None))
 
     def _shard_batch(self, *arrays):
         if self.mesh is None:
@@ -145,14 +142,11 @@ class OmniModel:
         return tuple(out)
 
     def thinker_logits(self, batch: Mapping[str, Any], use_audio_in_video: bool = False) -> np.ndarray:
-        """Logits [B, L, vocab] (float32) for a processor batch; left padding is respected."""
-        self._check_text_only(batch)
-        input_ids = np.asarray(batch["input_ids"], np.int32)
-        attention_mask = np.asarray(batch.get("attention_mask", np.ones_like(input_ids)), np.int32)
-        positions = generation.text_positions(attention_mask)
-        ids, pos, seg = self._shard_batch(input_ids, positions, attention_mask)
+        """Logits [B, L, vocab] (float32) for a processor batch (any modalities); left padding is respected."""
+        inputs = self.prepare(batch, use_audio_in_video)
+        ids, pos, seg = self._shard_batch(inputs.input_ids, inputs.positions, inputs.attention_mask)
         with self._mesh_context():
-            out = self._logits_fn(self.params["thinker"], ids, pos, seg)
+            out = self._logits_fn(self.params["thinker"], ids, pos, seg, None, inputs.multimodal())
         return np.asarray(out.logits)
 
     # ---------------------------------------------------------------- generation
@@ -168,17 +162,16 @@ class OmniModel:
 
     def generate(self, batch: Mapping[str, Any], max_new_tokens: int = 64, return_audio: bool = False,
                  speaker: str | None = None, eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int | None = None, chunk_steps: int | None = None, on_tokens=None) -> GenerateOutput:
-        """Greedy generation for a left-padded batch.
+                 pad_token_id: int | None = None, chunk_steps: int | None = None, on_tokens=None,
+                 use_audio_in_video: bool = False) -> GenerateOutput:
+        """Greedy generation for a left-padded processor batch (any modalities).
 
         `on_tokens(step, tokens [B, n])`, when given, is called after each chunk of `chunk_steps` decode steps
         with the tokens produced so far (streaming). Stops per row at an end token or after max_new_tokens.
         """
         if return_audio:
             raise NotImplementedError("speech output needs the talker and token2wav, not in this build yet")
-        self._check_text_only(batch)
         input_ids = np.asarray(batch["input_ids"], np.int32)
-        attention_mask = np.asarray(batch.get("attention_mask", np.ones_like(input_ids)), np.int32)
         batch_size, prompt_len = input_ids.shape
         text_cfg = self.config.thinker.text
         max_positions = text_cfg.max_position_embeddings
@@ -188,22 +181,20 @@ class OmniModel:
         eos, pad = self._eos_ids(eos_token_id), self._pad_id(pad_token_id)
 
         bucket = generation.bucket_length(prompt_len)
-        ids, mask = generation.left_pad(input_ids, attention_mask, bucket, pad)
-        positions = generation.text_positions(mask)
-        first_pos = generation.next_positions(positions, mask)
+        inputs = self.prepare(batch, use_audio_in_video, pad_to=bucket)
         key = (max_new_tokens, tuple(eos), pad)
         if key not in self._generate_fns:
             apply = partial(self._thinker_forward, last_logits_only=True)
             self._generate_fns[key] = generation.make_generate_fns(
-                lambda p, i, po, s, c, e: apply(p, i, po, s, c, e), max_new_tokens=max_new_tokens,
-                eos_ids=eos, pad_id=pad)
+                apply, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad)
         prefill_fn, decode_fn = self._generate_fns[key]
         cache = KVCache.init(text_cfg.num_hidden_layers, batch_size, bucket + max_new_tokens,
                              text_cfg.num_key_value_heads, text_cfg.head_dim, jnp.dtype(self.options.dtype))
-        ids, mask, positions, first_pos = self._shard_batch(ids, mask, positions, first_pos)
+        ids, mask, positions, first_pos = self._shard_batch(inputs.input_ids, inputs.attention_mask,
+                                                            inputs.positions, inputs.next_positions)
         steps = max_new_tokens if chunk_steps is None else chunk_steps
         with self._mesh_context():
-            state = prefill_fn(self.params["thinker"], ids, mask, positions, first_pos, cache)
+            state = prefill_fn(self.params["thinker"], ids, mask, positions, first_pos, cache, inputs.multimodal())
             while True:
                 if on_tokens is not None:
                     on_tokens(int(state.step), np.asarray(state.tokens[:, : int(state.step)]))

@@ -1,4 +1,4 @@
-"""Text generation core: text positions, prefill, and an on-device decode loop over the explicit KV cache.
+"""Text generation core: prefill and an on-device decode loop over the explicit KV cache.
 
 Everything per step happens inside one `lax.while_loop`; the host only sees the state between chunks of
 steps (so streaming can surface tokens every `chunk` steps without a round trip per token).
@@ -11,26 +11,8 @@ from typing import Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from omni_jax.models.kv_cache import KVCache
-
-
-def text_positions(attention_mask: np.ndarray) -> np.ndarray:
-    """TMRoPE positions of a text-only, left-padded batch: cumsum(mask) - 1, pad slots get 1 (as HF).
-
-    attention_mask [B, T] -> positions [3, B, T] int32.
-    """
-    mask = np.asarray(attention_mask).astype(np.int64)
-    pos = np.cumsum(mask, axis=-1) - 1
-    pos = np.where(mask == 0, 1, pos)
-    return np.broadcast_to(pos[None], (3,) + pos.shape).astype(np.int32)
-
-
-def next_positions(positions: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    """Position of the first generated token per row: max position over real tokens + 1. [B] int32."""
-    masked = np.where(np.asarray(attention_mask)[None] > 0, positions, -1)
-    return (masked.max(axis=(0, 2)) + 1).astype(np.int32)
 
 
 def bucket_length(length: int, buckets: Sequence[int] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)) -> int:
@@ -40,16 +22,6 @@ def bucket_length(length: int, buckets: Sequence[int] = (32, 64, 128, 256, 512, 
             return b
     step = buckets[-1]
     return -(-length // step) * step
-
-
-def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray, length: int, pad_id: int):
-    """Left-pad [B, T] arrays to [B, length]."""
-    extra = length - input_ids.shape[1]
-    if extra < 0:
-        raise ValueError(f"cannot pad length {input_ids.shape[1]} down to {length}")
-    ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=pad_id)
-    mask = np.pad(attention_mask, ((0, 0), (extra, 0)), constant_values=0)
-    return ids, mask
 
 
 @flax.struct.dataclass
@@ -76,12 +48,13 @@ def _record(state: DecodeState, token: jax.Array, eos_ids: jax.Array, pad_id: in
 
 
 def prefill(apply_fn, params, input_ids, attention_mask, positions, first_position, cache: KVCache,
-            max_new_tokens: int, eos_ids, pad_id: int, inputs_embeds=None) -> DecodeState:
+            max_new_tokens: int, eos_ids, pad_id: int, multimodal=None) -> DecodeState:
     """Run the prompt through the model, pick the first token, and return the decode state.
 
-    apply_fn(params, input_ids, positions, segment_ids, cache, inputs_embeds) -> ThinkerOutput (last logits).
+    apply_fn(params, input_ids, positions, segment_ids, cache, multimodal) -> ThinkerOutput (last logits);
+    `multimodal` is a dict of encoder inputs (audio/image/video) or None.
     """
-    out = apply_fn(params, input_ids, positions, attention_mask.astype(jnp.int32), cache, inputs_embeds)
+    out = apply_fn(params, input_ids, positions, attention_mask.astype(jnp.int32), cache, multimodal)
     batch = input_ids.shape[0]
     state = DecodeState(
         cache=out.cache,
@@ -116,9 +89,9 @@ def make_generate_fns(apply_fn, *, max_new_tokens: int, eos_ids: Sequence[int], 
     eos = jnp.asarray(list(eos_ids), jnp.int32)
 
     @partial(jax.jit, donate_argnums=(5,))
-    def prefill_fn(params, input_ids, attention_mask, positions, first_position, cache, inputs_embeds=None):
+    def prefill_fn(params, input_ids, attention_mask, positions, first_position, cache, multimodal=None):
         return prefill(apply_fn, params, input_ids, attention_mask, positions, first_position, cache,
-                       max_new_tokens, eos, pad_id, inputs_embeds)
+                       max_new_tokens, eos, pad_id, multimodal)
 
     @partial(jax.jit, static_argnums=(2,), donate_argnums=(1,))
     def decode_fn(params, state, num_steps):

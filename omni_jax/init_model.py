@@ -6,19 +6,16 @@ import os
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from omni_jax.config import OmniConfig, RuntimeOptions, apply_overrides
-from omni_jax.models.thinker import Thinker
+from omni_jax.models.thinker import Thinker, init_thinker
 
 
 def init_params(config: OmniConfig, seed: int = 0, options: RuntimeOptions | None = None) -> dict:
     """Random params for every module this build has, as {"thinker": {...}} (numpy-convertible arrays)."""
     options = options or RuntimeOptions()
     thinker = Thinker(config.thinker, options)
-    ids = jnp.zeros((1, 2), jnp.int32)
-    variables = jax.jit(thinker.init)(jax.random.key(seed), ids, jnp.zeros((3, 1, 2), jnp.int32),
-                                      jnp.ones((1, 2), jnp.int32))
+    variables = jax.jit(lambda rng: init_thinker(thinker, rng))(jax.random.key(seed))
     return {"thinker": nn.meta.unbox(variables)["params"]}
 
 

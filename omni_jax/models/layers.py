@@ -98,7 +98,9 @@ class Embed(nn.Module):
             (self.num_embeddings, self.features),
             self.param_dtype,
         )
-        return jnp.take(jnp.asarray(table, self.dtype), ids, axis=0)
+        # mode="clip": an out-of-range id (e.g. a pad id beyond a small test vocabulary) must not produce NaN
+        # rows, which would leak through attention even where masked (0 * NaN).
+        return jnp.take(jnp.asarray(table, self.dtype), ids, axis=0, mode="clip")
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
