@@ -32,41 +32,40 @@ def _cmd_init(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    import numpy as np
-
     from omni_jax.api import OmniModel
-    from omni_jax.processing.chat_template import render_chat
+    from omni_jax.processing.processor import Processor
+    from omni_jax.processing.tokenizer import StreamDecoder
 
-    if args.image or args.audio or args.video or args.audio_out:
-        print("error: --image/--audio/--video/--audio-out need the multimodal encoders and the talker, "
-              "not in this build yet", file=sys.stderr)
+    if args.audio_out:
+        print("error: --audio-out needs the talker and token2wav, not in this build yet", file=sys.stderr)
         return 2
     model = OmniModel.from_pretrained(args.model, dtype=args.dtype)
     if model.tokenizer is None:
         print(f"error: {args.model} has no tokenizer files (tokenizer.json or vocab.json)", file=sys.stderr)
         return 2
+    processor = Processor.from_pretrained(args.model)
+    content = []
+    for kind in ("image", "audio", "video"):
+        if getattr(args, kind):
+            content.append({"type": kind, kind: getattr(args, kind)})
+    content.append({"type": "text", "text": args.prompt})
     conversation = []
     if args.system:
         conversation.append({"role": "system", "content": args.system})
-    conversation.append({"role": "user", "content": args.prompt})
-    prompt = render_chat(conversation, add_generation_prompt=True)
-    ids = np.asarray([model.tokenizer.encode(prompt)], np.int32)
-    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-
-    from omni_jax.processing.tokenizer import StreamDecoder
+    conversation.append({"role": "user", "content": content})
+    batch = processor([conversation], use_audio_in_video=args.use_audio_in_video)
 
     stream = StreamDecoder(model.tokenizer)
     printed = [0]
 
     def on_tokens(step, tokens):
-        for t in tokens[0, printed[0]:].tolist():
-            if t in model._eos_ids(None):
-                continue
-            sys.stdout.write(stream.put(t))
+        for token in tokens[0, printed[0]:].tolist():
+            sys.stdout.write(stream.put(token))
         printed[0] = tokens.shape[1]
         sys.stdout.flush()
 
-    model.generate(batch, max_new_tokens=args.max_new_tokens, chunk_steps=args.stream_every, on_tokens=on_tokens)
+    model.generate(batch, max_new_tokens=args.max_new_tokens, chunk_steps=args.stream_every, on_tokens=on_tokens,
+                   use_audio_in_video=args.use_audio_in_video)
     sys.stdout.write(stream.finish() + "\n")
     return 0
 
@@ -105,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image")
     p.add_argument("--audio")
     p.add_argument("--video")
+    p.add_argument("--use-audio-in-video", action="store_true", help="also feed the video's audio track")
     p.add_argument("--speaker", default="Chelsie")
     p.add_argument("--audio-out")
     p.add_argument("--max-new-tokens", type=int, default=64)
