@@ -18,6 +18,7 @@ from omni_jax.config import OmniConfig, RuntimeOptions
 from omni_jax.models.kv_cache import KVCache
 from omni_jax.model_inputs import ThinkerInputs, prepare_thinker_inputs
 from omni_jax.models.thinker import Thinker, init_thinker
+from omni_jax.sampling import SamplingParams
 from omni_jax.sharding import batch_sharding, logical_shardings, make_mesh, rules_context
 
 log = logging.getLogger(__name__)
@@ -163,8 +164,11 @@ class OmniModel:
     def generate(self, batch: Mapping[str, Any], max_new_tokens: int = 64, return_audio: bool = False,
                  speaker: str | None = None, eos_token_id: int | Sequence[int] | None = None,
                  pad_token_id: int | None = None, chunk_steps: int | None = None, on_tokens=None,
-                 use_audio_in_video: bool = False) -> GenerateOutput:
-        """Greedy generation for a left-padded processor batch (any modalities).
+                 use_audio_in_video: bool = False, temperature=0.0, top_k=0, top_p=1.0,
+                 repetition_penalty=1.0, seed: int = 0) -> GenerateOutput:
+        """Generation for a left-padded processor batch (any modalities); greedy when temperature is 0.
+
+        temperature/top_k/top_p/repetition_penalty are scalars or per-row sequences; `seed` fixes the draws.
 
         `on_tokens(step, tokens [B, n])`, when given, is called after each chunk of `chunk_steps` decode steps
         with the tokens produced so far (streaming). Stops per row at an end token or after max_new_tokens.
@@ -182,19 +186,23 @@ class OmniModel:
 
         bucket = generation.bucket_length(prompt_len)
         inputs = self.prepare(batch, use_audio_in_video, pad_to=bucket)
-        key = (max_new_tokens, tuple(eos), pad)
-        if key not in self._generate_fns:
+        sampling = SamplingParams.make(batch_size, temperature, top_k, top_p, repetition_penalty)
+        use_penalty = bool(np.any(np.asarray(sampling.repetition_penalty) != 1.0))
+        fn_key = (max_new_tokens, tuple(eos), pad, use_penalty)
+        if fn_key not in self._generate_fns:
             apply = partial(self._thinker_forward, last_logits_only=True)
-            self._generate_fns[key] = generation.make_generate_fns(
-                apply, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad)
-        prefill_fn, decode_fn = self._generate_fns[key]
+            self._generate_fns[fn_key] = generation.make_generate_fns(
+                apply, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad, vocab_size=text_cfg.vocab_size,
+                use_penalty=use_penalty)
+        prefill_fn, decode_fn = self._generate_fns[fn_key]
         cache = KVCache.init(text_cfg.num_hidden_layers, batch_size, bucket + max_new_tokens,
                              text_cfg.num_key_value_heads, text_cfg.head_dim, jnp.dtype(self.options.dtype))
         ids, mask, positions, first_pos = self._shard_batch(inputs.input_ids, inputs.attention_mask,
                                                             inputs.positions, inputs.next_positions)
         steps = max_new_tokens if chunk_steps is None else chunk_steps
         with self._mesh_context():
-            state = prefill_fn(self.params["thinker"], ids, mask, positions, first_pos, cache, inputs.multimodal())
+            state, _ = prefill_fn(self.params["thinker"], ids, mask, positions, first_pos, cache,
+                                  jax.random.key(seed), sampling, inputs.multimodal())
             while True:
                 if on_tokens is not None:
                     on_tokens(int(state.step), np.asarray(state.tokens[:, : int(state.step)]))

@@ -1,18 +1,20 @@
-"""Text generation core: prefill and an on-device decode loop over the explicit KV cache.
+"""Thinker text generation core: prefill and an on-device decode loop over the explicit KV cache.
 
 Everything per step happens inside one `lax.while_loop`; the host only sees the state between chunks of
-steps (so streaming can surface tokens every `chunk` steps without a round trip per token).
+steps (streaming surfaces tokens every `chunk` steps without a round trip per token). Token selection is
+`sampling.select_tokens` (greedy rows when temperature is 0).
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from omni_jax.models.kv_cache import KVCache
+from omni_jax.sampling import SamplingParams, seen_mask, select_tokens
 
 
 def bucket_length(length: int, buckets: Sequence[int] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)) -> int:
@@ -32,30 +34,36 @@ class DecodeState:
     tokens: jax.Array  # [B, N] int32: generated tokens (pad after a row is done)
     step: jax.Array  # [] int32: number of tokens generated
     done: jax.Array  # [B] bool
+    key: jax.Array  # PRNG key, split once per step
+    sampling: SamplingParams
+    seen: Optional[jax.Array]  # [B, V] bool ids seen so far (for the repetition penalty), or None
+    hidden: Optional[jax.Array]  # [B, N, D]: hidden[k-1] = post-norm hidden at the step whose input is token k
+    #                               (what the talker consumes), or None when not kept
 
 
-def greedy(logits: jax.Array) -> jax.Array:
-    """[B, V] -> [B] int32 argmax."""
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-
-def _record(state: DecodeState, token: jax.Array, eos_ids: jax.Array, pad_id: int) -> DecodeState:
-    """Append `token` [B] (pad for finished rows) and update the done flags."""
+def _record(state: DecodeState, logits: jax.Array, eos_ids: jax.Array, pad_id: int) -> DecodeState:
+    """Select the next token from logits [B, V], append it (pad for finished rows), update flags."""
+    key, sub = jax.random.split(state.key)
+    token = select_tokens(logits, state.sampling, sub, state.seen)
     token = jnp.where(state.done, pad_id, token)
     tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step))
+    seen = state.seen
+    if seen is not None:
+        seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
     done = state.done | jnp.isin(token, eos_ids)
-    return state.replace(tokens=tokens, last_token=token, step=state.step + 1, done=done)
+    return state.replace(tokens=tokens, last_token=token, step=state.step + 1, done=done, key=key, seen=seen)
 
 
-def prefill(apply_fn, params, input_ids, attention_mask, positions, first_position, cache: KVCache,
-            max_new_tokens: int, eos_ids, pad_id: int, multimodal=None) -> DecodeState:
-    """Run the prompt through the model, pick the first token, and return the decode state.
+def prefill(apply_fn, params, input_ids, attention_mask, positions, first_position, cache: KVCache, key,
+            sampling: SamplingParams, *, max_new_tokens: int, eos_ids, pad_id: int, vocab_size: int,
+            use_penalty: bool, keep_hidden: bool, multimodal=None):
+    """Run the prompt, pick the first token, return (decode state, prefill ThinkerOutput).
 
-    apply_fn(params, input_ids, positions, segment_ids, cache, multimodal) -> ThinkerOutput (last logits);
-    `multimodal` is a dict of encoder inputs (audio/image/video) or None.
+    apply_fn(params, input_ids, positions, segment_ids, cache, multimodal) -> ThinkerOutput.
     """
     out = apply_fn(params, input_ids, positions, attention_mask.astype(jnp.int32), cache, multimodal)
     batch = input_ids.shape[0]
+    hidden_dim = out.hidden_states.shape[-1]
     state = DecodeState(
         cache=out.cache,
         last_token=jnp.zeros((batch,), jnp.int32),
@@ -63,8 +71,12 @@ def prefill(apply_fn, params, input_ids, attention_mask, positions, first_positi
         tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
         step=jnp.zeros((), jnp.int32),
         done=jnp.zeros((batch,), bool),
+        key=key,
+        sampling=sampling,
+        seen=seen_mask(input_ids, vocab_size, attention_mask) if use_penalty else None,
+        hidden=jnp.zeros((batch, max_new_tokens, hidden_dim), out.hidden_states.dtype) if keep_hidden else None,
     )
-    return _record(state, greedy(out.logits[:, -1]), eos_ids, pad_id)
+    return _record(state, out.logits[:, -1], eos_ids, pad_id), out
 
 
 def decode_steps(apply_fn, params, state: DecodeState, num_steps: int, eos_ids, pad_id: int) -> DecodeState:
@@ -78,20 +90,28 @@ def decode_steps(apply_fn, params, state: DecodeState, num_steps: int, eos_ids, 
         ids = s.last_token[:, None]  # [B, 1]
         positions = jnp.broadcast_to(s.position[None, :, None], (3,) + ids.shape)  # [3, B, 1]
         out = apply_fn(params, ids, positions, jnp.ones_like(ids), s.cache, None)
-        s = s.replace(cache=out.cache, position=s.position + 1)
-        return _record(s, greedy(out.logits[:, -1]), eos_ids, pad_id)
+        hidden = s.hidden
+        if hidden is not None:  # the hidden state of the token just fed (token number `step`)
+            hidden = jax.lax.dynamic_update_slice(hidden, out.hidden_states[:, -1:].astype(hidden.dtype),
+                                                  (0, s.step - 1, 0))
+        s = s.replace(cache=out.cache, position=s.position + 1, hidden=hidden)
+        return _record(s, out.logits[:, -1], eos_ids, pad_id)
 
     return jax.lax.while_loop(cond, body, state)
 
 
-def make_generate_fns(apply_fn, *, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int):
+def make_generate_fns(apply_fn, *, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, vocab_size: int,
+                      use_penalty: bool = False, keep_hidden: bool = False):
     """Jitted (prefill, decode_steps) closures for fixed generation settings; caches/states are donated."""
     eos = jnp.asarray(list(eos_ids), jnp.int32)
+    static = dict(max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad_id, vocab_size=vocab_size,
+                  use_penalty=use_penalty, keep_hidden=keep_hidden)
 
     @partial(jax.jit, donate_argnums=(5,))
-    def prefill_fn(params, input_ids, attention_mask, positions, first_position, cache, multimodal=None):
-        return prefill(apply_fn, params, input_ids, attention_mask, positions, first_position, cache,
-                       max_new_tokens, eos, pad_id, multimodal)
+    def prefill_fn(params, input_ids, attention_mask, positions, first_position, cache, key, sampling,
+                   multimodal=None):
+        return prefill(apply_fn, params, input_ids, attention_mask, positions, first_position, cache, key,
+                       sampling, multimodal=multimodal, **static)
 
     @partial(jax.jit, static_argnums=(2,), donate_argnums=(1,))
     def decode_fn(params, state, num_steps):
