@@ -18,7 +18,10 @@ from omni_jax.config import OmniConfig, RuntimeOptions
 from omni_jax.models.kv_cache import KVCache
 from omni_jax.model_inputs import ThinkerInputs, prepare_thinker_inputs
 from omni_jax.models.thinker import Thinker, init_thinker
+from omni_jax.processing.tmrope import rope_index
 from omni_jax.sampling import SamplingParams
+from omni_jax.speech import TALKER_DEFAULTS, SpeechModel, TalkerJob, build_talker_inputs, codes_before_end
+from omni_jax.voices import Voice, read_voices, resolve_voice
 from omni_jax.sharding import batch_sharding, logical_shardings, make_mesh, rules_context
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,7 @@ class OmniModel:
     """Qwen2.5-Omni in JAX: config, params (optionally sharded on a mesh) and jitted entry points."""
 
     def __init__(self, config: OmniConfig, params: Mapping[str, Any], options: RuntimeOptions | None = None,
-                 mesh: jax.sharding.Mesh | None = None, tokenizer=None):
+                 mesh: jax.sharding.Mesh | None = None, tokenizer=None, speakers: Mapping[str, Voice] | None = None):
         self.config = config
         self.options = options or RuntimeOptions()
         self.mesh = mesh
@@ -56,6 +59,9 @@ class OmniModel:
         else:
             thinker_params = jax.device_put(thinker_params)
         self.params = {"thinker": thinker_params}
+        self.speech: SpeechModel | None = None
+        if config.talker is not None and "talker" in params and "token2wav" in params:
+            self.speech = SpeechModel(config, params, self.options, speakers or {})
         self._generate_fns: dict[tuple, Any] = {}
         self._logits_fn = jax.jit(self._thinker_forward)
 
@@ -80,7 +86,7 @@ class OmniModel:
             params = load_params(os.path.join(path, "params"))
         else:
             if thinker_only is None:
-                thinker_only = True  # the talker / token2wav are loaded by the speech path when present
+                thinker_only = config.talker is None or not config.enable_audio_output
             params = load_hf_params(path, config, thinker_only=thinker_only)
         tokenizer = None
         if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
@@ -88,7 +94,7 @@ class OmniModel:
 
             tokenizer = Tokenizer.from_pretrained(path)
         mesh = make_mesh(mesh_shape) if mesh_shape else None
-        return cls(config, params, options, mesh=mesh, tokenizer=tokenizer)
+        return cls(config, params, options, mesh=mesh, tokenizer=tokenizer, speakers=read_voices(path))
 
     def _thinker_subtree(self, thinker_params: Mapping[str, Any]) -> dict:
         abstract = jax.eval_shape(self._init_thinker_abstract)
@@ -162,19 +168,27 @@ class OmniModel:
         return 151643 if pad_token_id is None else int(pad_token_id)
 
     def generate(self, batch: Mapping[str, Any], max_new_tokens: int = 64, return_audio: bool = False,
-                 speaker: str | None = None, eos_token_id: int | Sequence[int] | None = None,
+                 speaker: Any = "Chelsie", eos_token_id: int | Sequence[int] | None = None,
                  pad_token_id: int | None = None, chunk_steps: int | None = None, on_tokens=None,
                  use_audio_in_video: bool = False, temperature=0.0, top_k=0, top_p=1.0,
-                 repetition_penalty=1.0, seed: int = 0) -> GenerateOutput:
+                 repetition_penalty=1.0, seed: int = 0, talker: Mapping[str, Any] | None = None,
+                 token2wav: Mapping[str, Any] | None = None) -> GenerateOutput:
         """Generation for a left-padded processor batch (any modalities); greedy when temperature is 0.
 
         temperature/top_k/top_p/repetition_penalty are scalars or per-row sequences; `seed` fixes the draws.
-
         `on_tokens(step, tokens [B, n])`, when given, is called after each chunk of `chunk_steps` decode steps
         with the tokens produced so far (streaming). Stops per row at an end token or after max_new_tokens.
+
+        With return_audio, the talker turns the reply into codec tokens and Token2Wav into 24 kHz audio per row.
+        `speaker` is a voice name or a `speech.Voice`; `talker` overrides the talker's sampling settings
+        (keys of speech.TALKER_DEFAULTS, plus do_sample); `token2wav` may hold `noise` (a list of [2n, 80]
+        arrays, one per row) and num_steps / guidance_scale / sway_coefficient.
         """
         if return_audio:
-            raise NotImplementedError("speech output needs the talker and token2wav, not in this build yet")
+            if self.speech is None:
+                raise ValueError("this checkpoint has no talker/token2wav (converted thinker-only?); "
+                                 "speech output is not available")
+            voice = resolve_voice(self.speech.speakers, speaker)  # fail before generating
         input_ids = np.asarray(batch["input_ids"], np.int32)
         batch_size, prompt_len = input_ids.shape
         text_cfg = self.config.thinker.text
@@ -188,12 +202,12 @@ class OmniModel:
         inputs = self.prepare(batch, use_audio_in_video, pad_to=bucket)
         sampling = SamplingParams.make(batch_size, temperature, top_k, top_p, repetition_penalty)
         use_penalty = bool(np.any(np.asarray(sampling.repetition_penalty) != 1.0))
-        fn_key = (max_new_tokens, tuple(eos), pad, use_penalty)
+        fn_key = (max_new_tokens, tuple(eos), pad, use_penalty, return_audio)
         if fn_key not in self._generate_fns:
             apply = partial(self._thinker_forward, last_logits_only=True)
             self._generate_fns[fn_key] = generation.make_generate_fns(
                 apply, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad, vocab_size=text_cfg.vocab_size,
-                use_penalty=use_penalty)
+                use_penalty=use_penalty, keep_hidden=return_audio)
         prefill_fn, decode_fn = self._generate_fns[fn_key]
         cache = KVCache.init(text_cfg.num_hidden_layers, batch_size, bucket + max_new_tokens,
                              text_cfg.num_key_value_heads, text_cfg.head_dim, jnp.dtype(self.options.dtype))
@@ -201,8 +215,8 @@ class OmniModel:
                                                             inputs.positions, inputs.next_positions)
         steps = max_new_tokens if chunk_steps is None else chunk_steps
         with self._mesh_context():
-            state, _ = prefill_fn(self.params["thinker"], ids, mask, positions, first_pos, cache,
-                                  jax.random.key(seed), sampling, inputs.multimodal())
+            state, prefill_out = prefill_fn(self.params["thinker"], ids, mask, positions, first_pos, cache,
+                                            jax.random.key(seed), sampling, inputs.multimodal())
             while True:
                 if on_tokens is not None:
                     on_tokens(int(state.step), np.asarray(state.tokens[:, : int(state.step)]))
@@ -217,5 +231,69 @@ class OmniModel:
         text = [self.tokenizer.decode(g.tolist(), skip_special_tokens=True) if self.tokenizer else None
                 for g in generated]
         sequences = np.concatenate([input_ids, tokens], axis=1)
+        codec_tokens, audio = [None] * batch_size, [None] * batch_size
+        if return_audio:
+            codec_tokens = self._talk(inputs, state, prefill_out, voice, eos, seed, dict(talker or {}))
+            t2w = dict(token2wav or {})
+            noises = t2w.pop("noise", None)
+            audio = [self.speech.token2wav(codes, voice, noise=None if noises is None else noises[row],
+                                           seed=seed + row, **t2w) if len(codes) else np.zeros((0,), np.float32)
+                     for row, codes in enumerate(codec_tokens)]
         return GenerateOutput(sequences=sequences, generated=generated, text=text,
-                              codec_tokens=[None] * batch_size, audio=[None] * batch_size)
+                              codec_tokens=codec_tokens, audio=audio)
+
+    def _talk(self, inputs: ThinkerInputs, state, prefill_out, voice: Voice, thinker_eos, seed: int,
+              settings: dict) -> list[np.ndarray]:
+        """Talker codec tokens per row for a finished thinker generation (kept hidden states)."""
+        cfg_t, cfg = self.config.talker, self.config.thinker
+        num_generated = int(state.step)
+        if num_generated < 2:
+            raise ValueError("speech needs at least 2 generated thinker tokens (the talker consumes the reply "
+                             "one token behind); raise max_new_tokens")
+        opts = {**TALKER_DEFAULTS, **settings}
+        do_sample = opts.pop("do_sample", True)
+        max_codes = int(opts.pop("max_new_tokens"))
+        eos_ids = tuple(opts.pop("eos_token_id", (cfg_t.tts_codec_pad_token_id, cfg_t.tts_codec_end_token_id)))
+        if not do_sample:
+            opts["temperature"] = 0.0
+        batch_size, prompt_len = inputs.input_ids.shape
+        speaker_bos = jnp.full((batch_size,), voice.bos_token, jnp.int32)
+        embed = lambda ids: self.thinker.apply({"params": self.params["thinker"]}, ids, method=Thinker.embed)  # noqa: E731
+        codec_embed = lambda ids: self.speech.codec_embed(self.speech.talker_params, ids)  # noqa: E731
+        prefill_embeds, reply = jax.jit(partial(
+            build_talker_inputs, embed, codec_embed,
+            placeholder_ids=(cfg.audio_token_index, cfg.image_token_index, cfg.video_token_index),
+            thinker_eos_ids=tuple(thinker_eos), tts_eos=cfg_t.tts_text_end_token_id,
+            tts_pad=cfg_t.tts_text_pad_token_id, codec_pad=cfg_t.tts_codec_pad_token_id,
+            codec_bos=cfg_t.tts_codec_start_token_id))(
+            jnp.asarray(inputs.input_ids), prefill_out.inputs_embeds, prefill_out.hidden_states, state.tokens,
+            state.hidden, jnp.asarray(num_generated), speaker_bos)
+
+        first_token = np.asarray(state.tokens[:, :1])
+        text_ids = np.concatenate([inputs.input_ids, np.full((batch_size, 1), voice.bos_token, np.int32),
+                                   first_token], axis=1)
+        talker_mask = np.concatenate([inputs.attention_mask, np.ones((batch_size, 2), np.int32)], axis=1)
+        positions, deltas = rope_index(text_ids, talker_mask, config=cfg_t, **inputs.rope_kwargs)
+        seen_ids = np.concatenate([np.full((batch_size, prompt_len), cfg_t.tts_codec_mask_token_id),
+                                   np.full((batch_size, 1), cfg_t.tts_codec_pad_token_id),
+                                   np.full((batch_size, 1), cfg_t.tts_codec_start_token_id)], axis=1)
+        job = TalkerJob(prefill=prefill_embeds, reply=reply, positions=jnp.asarray(positions, jnp.int32),
+                        segment_ids=jnp.asarray(talker_mask), seen_ids=jnp.asarray(seen_ids, jnp.int32),
+                        first_position=jnp.asarray(talker_mask.sum(-1) + deltas, jnp.int32))
+        sampling = SamplingParams.make(batch_size, opts["temperature"], opts["top_k"], opts["top_p"],
+                                       opts["repetition_penalty"])
+        use_penalty = bool(np.any(np.asarray(sampling.repetition_penalty) != 1.0))
+        prefill_fn, decode_fn = self.speech.talker_fns(max_codes, eos_ids, use_penalty)
+        cache = KVCache.init(cfg_t.num_hidden_layers, batch_size, prompt_len + 2 + max_codes,
+                             cfg_t.num_key_value_heads, cfg_t.head_dim, jnp.dtype(self.options.dtype))
+        talker_state = prefill_fn(self.speech.talker_params, job, cache, jax.random.key(seed + 1), sampling)
+        if max_codes > 1:
+            talker_state = decode_fn(self.speech.talker_params, talker_state, reply, max_codes)
+        return codes_before_end(np.asarray(talker_state.tokens), eos_ids)
+
+    def token2wav(self, codes, speaker: Any = "Chelsie", noise=None, seed: int = 0, **kwargs) -> np.ndarray:
+        """Codec ids -> 24 kHz float32 waveform; `noise` [2n, 80] fixes the flow-matching start state."""
+        if self.speech is None:
+            raise ValueError("this checkpoint has no token2wav")
+        return self.speech.token2wav(codes, resolve_voice(self.speech.speakers, speaker), noise=noise, seed=seed,
+                                     **kwargs)

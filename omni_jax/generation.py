@@ -41,10 +41,11 @@ class DecodeState:
     #                               (what the talker consumes), or None when not kept
 
 
-def _record(state: DecodeState, logits: jax.Array, eos_ids: jax.Array, pad_id: int) -> DecodeState:
+def record_token(state: DecodeState, logits: jax.Array, eos_ids: jax.Array, pad_id: int,
+                 suppress_tokens: Sequence[int] = ()) -> DecodeState:
     """Select the next token from logits [B, V], append it (pad for finished rows), update flags."""
     key, sub = jax.random.split(state.key)
-    token = select_tokens(logits, state.sampling, sub, state.seen)
+    token = select_tokens(logits, state.sampling, sub, state.seen, suppress_tokens)
     token = jnp.where(state.done, pad_id, token)
     tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step))
     seen = state.seen
@@ -76,7 +77,8 @@ def prefill(apply_fn, params, input_ids, attention_mask, positions, first_positi
         seen=seen_mask(input_ids, vocab_size, attention_mask) if use_penalty else None,
         hidden=jnp.zeros((batch, max_new_tokens, hidden_dim), out.hidden_states.dtype) if keep_hidden else None,
     )
-    return _record(state, out.logits[:, -1], eos_ids, pad_id), out
+    # The prefill's hidden states and merged embeddings feed the talker; drop them when not needed.
+    return record_token(state, out.logits[:, -1], eos_ids, pad_id), (out if keep_hidden else None)
 
 
 def decode_steps(apply_fn, params, state: DecodeState, num_steps: int, eos_ids, pad_id: int) -> DecodeState:
@@ -95,7 +97,7 @@ def decode_steps(apply_fn, params, state: DecodeState, num_steps: int, eos_ids, 
             hidden = jax.lax.dynamic_update_slice(hidden, out.hidden_states[:, -1:].astype(hidden.dtype),
                                                   (0, s.step - 1, 0))
         s = s.replace(cache=out.cache, position=s.position + 1, hidden=hidden)
-        return _record(s, out.logits[:, -1], eos_ids, pad_id)
+        return record_token(s, out.logits[:, -1], eos_ids, pad_id)
 
     return jax.lax.while_loop(cond, body, state)
 

@@ -34,6 +34,7 @@ class ThinkerInputs:
     audio: Optional[MultimodalAudio] = None  # numpy leaves
     image: Optional[MultimodalVision] = None
     video: Optional[MultimodalVision] = None
+    rope_kwargs: dict = dataclasses.field(default_factory=dict)  # grids etc. for rope_index (reused by the talker)
 
     @property
     def next_positions(self) -> np.ndarray:
@@ -116,10 +117,10 @@ def prepare_thinker_inputs(batch: Mapping[str, Any], config: ThinkerConfig, use_
     elif _count(ids, config.video_token_index):
         raise ValueError("the prompt has video placeholder tokens but the batch has no pixel_values_videos")
 
-    positions, deltas = rope_index(
-        ids, mask,
+    rope_kwargs = dict(
         image_grid_thw=batch.get("image_grid_thw"), video_grid_thw=batch.get("video_grid_thw"),
         audio_seqlens=audio_seqlens, video_second_per_grid=batch.get("video_second_per_grid"),
-        use_audio_in_video=use_audio_in_video, config=config,
+        use_audio_in_video=use_audio_in_video,
     )
-    return ThinkerInputs(ids, mask, positions.astype(np.int32), np.asarray(deltas), audio, image, video)
+    positions, deltas = rope_index(ids, mask, config=config, **rope_kwargs)
+    return ThinkerInputs(ids, mask, positions.astype(np.int32), np.asarray(deltas), audio, image, video, rope_kwargs)

@@ -65,3 +65,22 @@ def left_padded_batch(rng: np.random.Generator, lengths, vocab: int, pad_id: int
         ids[row, total - n:] = rng.integers(low, vocab, n)
         mask[row, total - n:] = 1
     return ids, mask
+
+
+def randomize_bigvgan_(model: torch.nn.Module, seed: int = 0, gain: float = 0.8) -> torch.nn.Module:
+    """BigVGAN weights that keep the waveform mostly inside (-1, 1): conv weights ~ gain·N(0, 1/fan_in) (1.0 makes
+    the residual stream grow ~x2 per stage and the output is mostly clamped), conv_post another x0.5, biases and
+    log-alpha/log-beta ~ N(0, 0.1^2). Works on the vocoder alone or on `model.code2wav_bigvgan_model`."""
+    gen = torch.Generator().manual_seed(seed)
+    rates = model.config.upsample_rates
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith(("alpha", "beta", "bias")):
+                p.copy_(noise * 0.1)
+            elif name.startswith("ups."):  # [in, out, k]: each output sample sees in·k/r taps
+                p.copy_(noise * gain / math.sqrt(p.shape[0] * p.shape[2] / rates[int(name.split(".")[1])]))
+            else:  # Conv1d [out, in, k]
+                scale = 0.5 if name.startswith("conv_post") else 1.0
+                p.copy_(noise * gain * scale / math.sqrt(p.shape[1] * p.shape[2]))
+    return model

@@ -23,6 +23,7 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
     Qwen2_5OmniAntiAliasedActivation1d, Qwen2_5OmniSnakeBeta, Qwen2_5OmniToken2WavBigVGANModel,
     kaiser_sinc_filter1d)
 
+from hf_models import randomize_bigvgan_
 from omni_jax.config import BigVGANConfig
 from omni_jax.models.bigvgan import (
     ANTI_ALIAS_FILTER, AntiAliasedSnakeBeta, BigVGAN, ConvTranspose1d, hf_param_table, hf_to_params,
@@ -34,26 +35,10 @@ SMALL = dict(mel_dim=80, upsample_initial_channel=128, resblock_kernel_sizes=(3,
 ATOL = 1e-4
 
 
-def randomize_(model: Qwen2_5OmniToken2WavBigVGANModel, seed: int = 0, gain: float = 0.8):
-    gen = torch.Generator().manual_seed(seed)
-    rates = model.config.upsample_rates
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith(("alpha", "beta", "bias")):
-                p.copy_(noise * 0.1)
-            elif name.startswith("ups."):  # [in, out, k]: each output sample sees in·k/r taps
-                p.copy_(noise * gain / math.sqrt(p.shape[0] * p.shape[2] / rates[int(name.split(".")[1])]))
-            else:  # Conv1d [out, in, k]
-                scale = 0.5 if name.startswith("conv_post") else 1.0
-                p.copy_(noise * gain * scale / math.sqrt(p.shape[1] * p.shape[2]))
-    return model
-
-
 @pytest.fixture(scope="module")
 def hf_model():
     torch.manual_seed(0)
-    return randomize_(Qwen2_5OmniToken2WavBigVGANModel(Qwen2_5OmniBigVGANConfig(**SMALL))).eval()
+    return randomize_bigvgan_(Qwen2_5OmniToken2WavBigVGANModel(Qwen2_5OmniBigVGANConfig(**SMALL))).eval()
 
 
 @pytest.fixture(scope="module")

@@ -145,3 +145,24 @@ def test_sampling_is_reproducible_under_a_seed(hf_and_ours):
     c = ours.generate(batch, seed=2, **kw)
     np.testing.assert_array_equal(a.sequences, b.sequences)
     assert not np.array_equal(a.sequences, c.sequences)
+
+
+def test_converted_checkpoint_and_export_give_identical_logits(hf_and_ours, tmp_path):
+    """HF dir -> omni-jax convert -> OmniModel equals loading the HF dir; export -> transformers equals the
+    original HF model."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from convert.hf_to_orbax import convert
+    from convert.orbax_to_hf import export
+
+    name, hf, ours = hf_and_ours
+    hf_dir = tmp_path / "hf"
+    hf.save_pretrained(hf_dir)
+    convert(str(hf_dir), str(tmp_path / "ckpt"))
+    converted = OmniModel.from_pretrained(str(tmp_path / "ckpt"))
+    ids, mask = left_padded_batch(np.random.default_rng(5), (8, 6), VOCAB)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    np.testing.assert_array_equal(converted.thinker_logits(batch), ours.thinker_logits(batch))
+    export(str(tmp_path / "ckpt"), str(tmp_path / "exported"))
+    back = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(tmp_path / "exported")).eval()
+    np.testing.assert_array_equal(_hf_logits(back, ids, mask), _hf_logits(hf, ids, mask))

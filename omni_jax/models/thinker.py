@@ -54,6 +54,7 @@ class ThinkerOutput:
     logits: jax.Array  # [B, T or 1, V] float32
     hidden_states: jax.Array  # [B, T, D] post-final-norm (what the talker consumes)
     cache: Optional[KVCache]
+    inputs_embeds: jax.Array  # [B, T, D] decoder input: token embeddings with the encoder outputs merged in
 
 
 class Thinker(nn.Module):
@@ -129,7 +130,7 @@ class Thinker(nn.Module):
         head_in = hidden[:, -1:, :] if last_logits_only else hidden
         logits = self.lm_head(head_in).astype(jnp.float32)  # [B, T, V]
         logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
-        return ThinkerOutput(logits=logits, hidden_states=hidden, cache=cache)
+        return ThinkerOutput(logits=logits, hidden_states=hidden, cache=cache, inputs_embeds=inputs_embeds)
 
 
 def init_thinker(thinker: Thinker, rng: jax.Array) -> dict:
