@@ -119,6 +119,14 @@ def make_talker_fns(apply_fn, codec_embed_fn, *, max_new_tokens: int, eos_ids: S
     return prefill_fn, decode_fn
 
 
+def talker_suppressed_tokens(cfg, num_dit_codes: int, eos_ids: Sequence[int]) -> tuple[int, ...]:
+    """Codec ids the talker may not emit: the codec bos (as HF) and, beyond HF, every id the DiT has no
+    embedding for (>= num_dit_codes) except the end tokens. A trained talker never picks those; HF would crash
+    in Token2Wav if it did (index out of range), so masking them changes no run that HF completes."""
+    invalid = [i for i in range(num_dit_codes, cfg.vocab_size) if i not in eos_ids]
+    return tuple(sorted({cfg.tts_codec_start_token_id, *invalid}))
+
+
 def codes_before_end(tokens: np.ndarray, end_ids: Sequence[int]) -> list[np.ndarray]:
     """Per row, the codec tokens before the first end token (8292 pad or 8294 eos in the release)."""
     out = []
@@ -169,7 +177,7 @@ class SpeechModel:
             self._talker_fns[key] = make_talker_fns(
                 self.talker_apply, params_embed, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                 pad_id=cfg.tts_codec_pad_token_id, vocab_size=cfg.vocab_size,
-                suppress_tokens=(cfg.tts_codec_start_token_id,))
+                suppress_tokens=talker_suppressed_tokens(cfg, self.config.token2wav.dit.num_embeds, eos_ids))
         return self._talker_fns[key]
 
     # ------------------------------------------------------------------ token2wav
