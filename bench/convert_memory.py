@@ -192,7 +192,7 @@ def main(argv=None) -> int:
                 shutil.rmtree(ckpt)
                 shutil.rmtree(exported, ignore_errors=True)
         from omni_jax.checkpoint import params_metadata
-        from omni_jax.hf_mapping import flatten_params
+        from omni_jax.tree_utils import flatten_params
 
         leaves = flatten_params(params_metadata(ckpt))
         largest = max(leaves.items(), key=lambda kv: np.prod(kv[1].shape) * kv[1].dtype.itemsize)

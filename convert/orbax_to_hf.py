@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from typing import Optional, Sequence
@@ -25,8 +24,8 @@ import numpy as np
 from omni_jax.checkpoint import iter_params, params_metadata, resolve_params_dir
 from omni_jax.config import OmniConfig
 from omni_jax.voices import SPK_DICT, read_voices, write_spk_dict
-from omni_jax.hf_mapping import (OPTIONAL_SECTIONS, SKIPPED_FILES_THINKER_ONLY, export_plan, flatten_params,
-                                 leaf_to_hf)
+from omni_jax.hf_mapping import OPTIONAL_SECTIONS, export_plan, leaf_to_hf
+from omni_jax.tree_utils import flatten_params
 from omni_jax.weights.safetensors_io import SafetensorsWriter, dtype_from_name
 
 from convert.hf_to_orbax import METADATA_FILE, copy_side_files

@@ -37,6 +37,8 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
+from omni_jax.tree_utils import flatten_params, unflatten_params
+
 __all__ = ["save_params", "load_params", "params_metadata", "iter_params", "ParamsWriter",
            "resolve_params_dir", "PARAMS_SUBDIR"]
 
@@ -147,7 +149,7 @@ class ParamsWriter:
 
     def write_tree(self, tree: Mapping) -> None:
         """Write every leaf of a subtree (see `write`)."""
-        for key, value in _flatten(_unbox(tree)).items():
+        for key, value in flatten_params(_unbox(tree)).items():
             self.write(key, value)
 
     def flush(self) -> None:
@@ -158,7 +160,7 @@ class ParamsWriter:
 
     def _save(self, flat: Mapping[tuple, Any]) -> None:
         with self._ctx:
-            self._ocp.partial.save(self.path, _unflatten(flat))
+            self._ocp.partial.save(self.path, unflatten_params(flat))
 
     def finalize(self) -> None:
         if self._done:
@@ -203,26 +205,6 @@ def _raw_metadata(path: str) -> dict:
     return ocp.metadata(path).metadata
 
 
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
 def _cast_dtype(stored, dtype):
     if dtype is None:
         return np.dtype(stored)
@@ -236,8 +218,8 @@ def _cast_dtype(stored, dtype):
 def params_metadata(path: str) -> dict:
     """Nested dict of jax.ShapeDtypeStruct (shape, stored dtype) for every leaf; no array data is read."""
     path = resolve_params_dir(path)
-    return _unflatten({k: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype))
-                       for k, m in _flatten(_raw_metadata(path)).items()})
+    return unflatten_params({k: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype))
+                       for k, m in flatten_params(_raw_metadata(path)).items()})
 
 
 def _load_flat(path: str, abstract: Mapping[tuple, Any], batch_bytes: int) -> dict[tuple, Any]:
@@ -253,8 +235,8 @@ def _load_flat(path: str, abstract: Mapping[tuple, Any], batch_bytes: int) -> di
         nonlocal batch, size
         if batch:
             with ctx:
-                restored = ocp.load(path, _unflatten(batch))
-            out.update(_flatten(restored))
+                restored = ocp.load(path, unflatten_params(batch))
+            out.update(flatten_params(restored))
             batch, size = {}, 0
 
     for key, leaf in abstract.items():
@@ -278,14 +260,14 @@ def load_params(path: str, shardings=None, *, dtype=None, batch_bytes: int = _DE
     batch_bytes: at most this many bytes are read concurrently (bounds host memory in transit).
     """
     path = resolve_params_dir(path)
-    meta = _flatten(_raw_metadata(path))
+    meta = flatten_params(_raw_metadata(path))
     if shardings is None:
         abstract = {k: _HostArray(tuple(m.shape), _cast_dtype(m.dtype, dtype)) for k, m in meta.items()}
     else:
         if isinstance(shardings, jax.sharding.Sharding):
             wanted = {k: shardings for k in meta}
         else:
-            wanted = _flatten(shardings) if isinstance(shardings, Mapping) else {
+            wanted = flatten_params(shardings) if isinstance(shardings, Mapping) else {
                 tuple(getattr(k, "key", str(k)) for k in kp): s
                 for kp, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
         unknown = sorted("/".join(k) for k in wanted if k not in meta)
@@ -298,7 +280,7 @@ def load_params(path: str, shardings=None, *, dtype=None, batch_bytes: int = _DE
             dt = _cast_dtype(m.dtype, dtype)
             abstract[k] = (_HostArray(tuple(m.shape), dt) if s is None
                            else jax.ShapeDtypeStruct(tuple(m.shape), dt, sharding=s))
-    return _unflatten(_load_flat(path, abstract, batch_bytes))
+    return unflatten_params(_load_flat(path, abstract, batch_bytes))
 
 
 def iter_params(path: str, *, keys: Optional[Sequence[Sequence[str]]] = None, dtype=None,
@@ -306,7 +288,7 @@ def iter_params(path: str, *, keys: Optional[Sequence[Sequence[str]]] = None, dt
     """(key path, numpy array) for each leaf (or each of `keys`, in that order), restored lazily: small
     leaves in groups of up to `batch_bytes`, a larger leaf on its own, each dropped once consumed."""
     path = resolve_params_dir(path)
-    meta = _flatten(_raw_metadata(path))
+    meta = flatten_params(_raw_metadata(path))
     order = [tuple(k) for k in keys] if keys is not None else list(meta)
     unknown = ["/".join(k) for k in order if k not in meta]
     if unknown:

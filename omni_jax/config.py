@@ -341,7 +341,7 @@ class BigVGANConfig(HFConfig):
                f"upsample_rates {list(self.upsample_rates)} and upsample_kernel_sizes "
                f"{list(self.upsample_kernel_sizes)} must have equal lengths")
         _check(len(self.resblock_kernel_sizes) == len(self.resblock_dilation_sizes), self,
-               f"resblock_kernel_sizes and resblock_dilation_sizes must have equal lengths")
+               "resblock_kernel_sizes and resblock_dilation_sizes must have equal lengths")
         last = self.upsample_initial_channel // 2 ** len(self.upsample_rates)
         _check(last >= 1, self, f"upsample_initial_channel ({self.upsample_initial_channel}) halves "
                f"{len(self.upsample_rates)} times to {last} channels; it must be >= 2**{len(self.upsample_rates)}")

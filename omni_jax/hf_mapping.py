@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from omni_jax.config import OmniConfig, ThinkerConfig
+from omni_jax.tree_utils import flatten_params, unflatten_params  # noqa: F401 (re-exported)
 from omni_jax.weights.safetensors_io import TensorInfo, TensorReader, dtype_from_name, index_hf_dir
 
 __all__ = [
@@ -601,25 +602,3 @@ def iter_hf_tensors(params: Mapping, config, dtype=None, thinker_root: Optional[
         yield from leaf_to_hf(leaf, flat[leaf.rule.path], dtype)
 
 
-# ================================================================================================ trees
-
-def flatten_params(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    """Nested dict -> {path tuple: leaf}."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten_params(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def unflatten_params(flat: Mapping[tuple, Any]) -> dict:
-    """{path tuple: leaf} -> nested dict."""
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree

@@ -10,8 +10,6 @@ the dB normalisation clamps at both ends.
 """
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
