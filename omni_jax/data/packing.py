@@ -94,6 +94,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
         self._pending_state: dict | None = None  # parent state from before reading it
         self._exhausted = False
         self.counters = {name: 0 for name in COUNTER_NAMES}
+        self.last_batch_ids: list[list[str]] = []  # sample ids per row of the last batch (logs, tests)
 
     def _count_skip(self, skip: Skip) -> None:
         self.counters[f"skipped_{skip.reason}"] += 1
@@ -132,6 +133,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
         if not any(rows):
             raise StopIteration
         batch = collate(rows, L, self._pad_id, self._frame_bucket)
+        self.last_batch_ids = [[s["id"] for s in row] for row in rows]
         placed = int(batch["num_samples"])
         self.counters["samples_packed"] += placed
         self.counters["batches"] += 1
