@@ -35,6 +35,15 @@ class GenerateOutput:
     audio: list[Optional[np.ndarray]]  # 24 kHz float32 waveform per row (None where no speech was asked for)
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-host sharded) array as numpy on every process."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def _is_converted_dir(path: str) -> bool:
     return os.path.exists(os.path.join(path, "omni_jax.json"))
 
@@ -64,6 +73,9 @@ class OmniModel:
             self.speech = SpeechModel(config, params, self.options, speakers or {})
         self._generate_fns: dict[tuple, Any] = {}
         self._logits_fn = jax.jit(self._thinker_forward)
+        # Every distinct generate() input shape costs one compilation of prefill + decode; they are recorded
+        # here (and logged when new) so that callers can check that bucketing keeps their number small.
+        self.generate_shapes: set[tuple] = set()
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -145,7 +157,9 @@ class OmniModel:
         out = []
         for a in arrays:
             axis = 1 if a.ndim == 3 and a.shape[0] == 3 else 0  # positions are [3, B, T]
-            out.append(jax.device_put(a, batch_sharding(self.mesh, a.ndim, axis)))
+            # Each process feeds only its devices' slices (multi-host: every host holds the same host batch).
+            out.append(jax.make_array_from_callback(a.shape, batch_sharding(self.mesh, a.ndim, axis),
+                                                    lambda index, a=a: a[index]))
         return tuple(out)
 
     def thinker_logits(self, batch: Mapping[str, Any], use_audio_in_video: bool = False) -> np.ndarray:
@@ -172,7 +186,7 @@ class OmniModel:
                  pad_token_id: int | None = None, chunk_steps: int | None = None, on_tokens=None,
                  use_audio_in_video: bool = False, temperature=0.0, top_k=0, top_p=1.0,
                  repetition_penalty=1.0, seed: int = 0, talker: Mapping[str, Any] | None = None,
-                 token2wav: Mapping[str, Any] | None = None) -> GenerateOutput:
+                 token2wav: Mapping[str, Any] | None = None, on_audio=None) -> GenerateOutput:
         """Generation for a left-padded processor batch (any modalities); greedy when temperature is 0.
 
         temperature/top_k/top_p/repetition_penalty are scalars or per-row sequences; `seed` fixes the draws.
@@ -181,8 +195,15 @@ class OmniModel:
 
         With return_audio, the talker turns the reply into codec tokens and Token2Wav into 24 kHz audio per row.
         `speaker` is a voice name or a `speech.Voice`; `talker` overrides the talker's sampling settings
-        (keys of speech.TALKER_DEFAULTS, plus do_sample); `token2wav` may hold `noise` (a list of [2n, 80]
-        arrays, one per row) and num_steps / guidance_scale / sway_coefficient.
+        (keys of speech.TALKER_DEFAULTS, plus do_sample, and chunk_steps: talker steps per host round trip when
+        streaming, default 12); `token2wav` may hold `noise` (a list of [2n, 80] arrays, one per row) and
+        num_steps / guidance_scale / sway_coefficient.
+
+        `on_audio(row, chunk)`, with return_audio, streams speech: the talker runs chunk_steps codes at a time and
+        `streaming.StreamingToken2Wav` turns them into float32 24 kHz chunks in the released chunking (first
+        chunk after 48 codec tokens), delivered in order per row; `audio` is then the concatenation of a row's
+        chunks. It equals the whole-utterance waveform only within the bounded-context tolerance of
+        docs/streaming.md (same noise: a row's noise depends on seed + row and the frame position only).
         """
         if return_audio:
             if self.speech is None:
@@ -209,6 +230,7 @@ class OmniModel:
                 apply, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad, vocab_size=text_cfg.vocab_size,
                 use_penalty=use_penalty, keep_hidden=return_audio)
         prefill_fn, decode_fn = self._generate_fns[fn_key]
+        self._note_shape(fn_key, batch_size, bucket, inputs)
         cache = KVCache.init(text_cfg.num_hidden_layers, batch_size, bucket + max_new_tokens,
                              text_cfg.num_key_value_heads, text_cfg.head_dim, jnp.dtype(self.options.dtype))
         ids, mask, positions, first_pos = self._shard_batch(inputs.input_ids, inputs.attention_mask,
@@ -219,11 +241,11 @@ class OmniModel:
                                             jax.random.key(seed), sampling, inputs.multimodal())
             while True:
                 if on_tokens is not None:
-                    on_tokens(int(state.step), np.asarray(state.tokens[:, : int(state.step)]))
+                    on_tokens(int(state.step), _to_host(state.tokens)[:, : int(state.step)])
                 if int(state.step) >= max_new_tokens or bool(jnp.all(state.done)):
                     break
                 state = decode_fn(self.params["thinker"], state, steps)
-        tokens = np.asarray(state.tokens)
+        tokens = _to_host(state.tokens)
         generated = []
         for row in tokens:
             ends = np.nonzero(np.isin(row, eos))[0]
@@ -233,18 +255,46 @@ class OmniModel:
         sequences = np.concatenate([input_ids, tokens], axis=1)
         codec_tokens, audio = [None] * batch_size, [None] * batch_size
         if return_audio:
-            codec_tokens = self._talk(inputs, state, prefill_out, voice, eos, seed, dict(talker or {}))
             t2w = dict(token2wav or {})
             noises = t2w.pop("noise", None)
-            audio = [self.speech.token2wav(codes, voice, noise=None if noises is None else noises[row],
-                                           seed=seed + row, **t2w) if len(codes) else np.zeros((0,), np.float32)
-                     for row, codes in enumerate(codec_tokens)]
+            stream = None
+            if on_audio is not None:
+                from omni_jax.streaming import StreamingToken2Wav, TalkerAudioStream
+
+                stream = TalkerAudioStream(StreamingToken2Wav(self.speech, voice, rows=batch_size, seed=seed,
+                                                              noise=noises, **t2w), on_audio)
+            codec_tokens = self._talk(inputs, state, prefill_out, voice, eos, seed, dict(talker or {}),
+                                      on_codes=stream)
+            if stream is not None:
+                audio = stream.close()
+            else:
+                audio = [self.speech.token2wav(codes, voice, noise=None if noises is None else noises[row],
+                                               seed=seed + row, **t2w) if len(codes) else np.zeros((0,), np.float32)
+                         for row, codes in enumerate(codec_tokens)]
         return GenerateOutput(sequences=sequences, generated=generated, text=text,
                               codec_tokens=codec_tokens, audio=audio)
 
+    def _note_shape(self, fn_key: tuple, batch_size: int, bucket: int, inputs: ThinkerInputs) -> None:
+        """Record the compiled-shape signature of one generate() call; log the first time it is seen."""
+        media = tuple((name, tuple(np.shape(leaf) for leaf in jax.tree_util.tree_leaves(getattr(inputs, name))))
+                      for name in ("audio", "image", "video") if getattr(inputs, name) is not None)
+        shape = (fn_key, batch_size, bucket, media)
+        if shape not in self.generate_shapes:
+            self.generate_shapes.add(shape)
+            log.info("generate: new shape #%d (batch %d, prompt bucket %d, max_new_tokens %d, media %s)",
+                     len(self.generate_shapes), batch_size, bucket, fn_key[0], media or "none")
+
+    @property
+    def num_compiled_shapes(self) -> int:
+        """Number of distinct generate() shapes compiled so far (each = one prefill + one decode program)."""
+        return len(self.generate_shapes)
+
     def _talk(self, inputs: ThinkerInputs, state, prefill_out, voice: Voice, thinker_eos, seed: int,
-              settings: dict) -> list[np.ndarray]:
-        """Talker codec tokens per row for a finished thinker generation (kept hidden states)."""
+              settings: dict, on_codes=None) -> list[np.ndarray]:
+        """Talker codec tokens per row for a finished thinker generation (kept hidden states).
+
+        With `on_codes(codes_per_row, ended [B] bool)`, decode runs `chunk_steps` codes per host round trip and
+        reports each row's codes so far (cut at its end token) after every round."""
         cfg_t, cfg = self.config.talker, self.config.thinker
         num_generated = int(state.step)
         if num_generated < 2:
@@ -253,6 +303,7 @@ class OmniModel:
         opts = {**TALKER_DEFAULTS, **settings}
         do_sample = opts.pop("do_sample", True)
         max_codes = int(opts.pop("max_new_tokens"))
+        chunk_steps = max(1, int(opts.pop("chunk_steps", 12)))
         eos_ids = tuple(opts.pop("eos_token_id", (cfg_t.tts_codec_pad_token_id, cfg_t.tts_codec_end_token_id)))
         if not do_sample:
             opts["temperature"] = 0.0
@@ -287,8 +338,14 @@ class OmniModel:
         cache = KVCache.init(cfg_t.num_hidden_layers, batch_size, prompt_len + 2 + max_codes,
                              cfg_t.num_key_value_heads, cfg_t.head_dim, jnp.dtype(self.options.dtype))
         talker_state = prefill_fn(self.speech.talker_params, job, cache, jax.random.key(seed + 1), sampling)
-        if max_codes > 1:
-            talker_state = decode_fn(self.speech.talker_params, talker_state, reply, max_codes)
+        steps = max_codes if on_codes is None else chunk_steps
+        while True:
+            if on_codes is not None:
+                tokens = np.asarray(talker_state.tokens)[:, : int(talker_state.step)]
+                on_codes(codes_before_end(tokens, eos_ids), np.isin(tokens, eos_ids).any(axis=1))
+            if int(talker_state.step) >= max_codes or bool(jnp.all(talker_state.done)):
+                break
+            talker_state = decode_fn(self.speech.talker_params, talker_state, reply, steps)
         return codes_before_end(np.asarray(talker_state.tokens), eos_ids)
 
     def token2wav(self, codes, speaker: Any = "Chelsie", noise=None, seed: int = 0, **kwargs) -> np.ndarray:

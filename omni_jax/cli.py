@@ -70,6 +70,18 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from serve.eval import main as eval_main  # lazy: omni_jax does not import serve
+
+    return eval_main(args)
+
+
+def _cmd_train(args) -> int:
+    from train.cli import run  # lazy: the train loop imports Orbax, grain, optax
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni-jax", description="Qwen2.5-Omni in JAX")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -111,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-every", type=int, default=8, help="decode steps per host round trip")
     p.add_argument("--dtype", default="float32")
     p.set_defaults(fn=_cmd_generate)
+
+    p = sub.add_parser("eval", help="batch evaluation: requests JSONL in, results JSONL out (resumable)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--requests", required=True, help="JSONL, one request per line (docs/eval.md)")
+    p.add_argument("--out", required=True, help="JSONL results; ids already in it are skipped")
+    p.add_argument("--audio-dir", default=None, help="where wavs are written (default: OUT without .jsonl + _audio)")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--mesh", default=None, help="shard the model, e.g. data=2,tensor=4")
+    p.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize()")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=_cmd_eval)
     return parser
 
 
