@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize()")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("train", help="train or finetune from a train YAML (resumes in an existing workdir)")
+    p.add_argument("--config", required=True, help="train YAML, e.g. configs/train/toy.yaml")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/, final/")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=50")
+    p.set_defaults(fn=_cmd_train)
     return parser
 
 
