@@ -267,6 +267,18 @@ def test_over_long_samples_are_skipped_and_counted(toy, processor):
     assert all(b["input_ids"].shape == (2, L) for b in batches)
 
 
+def test_cached_samples_give_the_same_batches(toy, processor):
+    def two_epochs(cfg):
+        it = make_train_iterator(cfg, processor=processor, seq_len=256, batch_size=2, seed=0, num_epochs=2)
+        return list(it), it.counters
+
+    plain, _ = two_epochs(toy)
+    cached, counters = two_epochs(DataConfig(**{**toy.__dict__, "cache_samples": True}))
+    assert counters["samples_packed"] == 2 * N_TRAIN and len(plain) == len(cached)
+    for a, b in zip(plain, cached):  # the second epoch comes from the cache
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_packing_off_gives_one_sample_per_row(toy, processor):
     cfg = DataConfig(**{**toy.__dict__, "packing": False})
     batches, ids, counters = _epoch(cfg, processor, seq_len=256, batch_size=4)
