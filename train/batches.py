@@ -1,0 +1,182 @@
+"""Host side of a train step: pipeline batches (numpy, the data contract) -> stacked microbatches on the mesh.
+
+A pipeline batch (see docs/data.md) has `input_ids`, `targets`, `loss_mask`, `segment_ids` [B, L],
+`positions` [3, B, L] (per-segment TMRoPE), and optional media arrays with HF processor names, concatenated
+over the batch's samples in placeholder order. Here each microbatch gets its encoder plans (audio chunks,
+vision windows), the k microbatches of one step are padded to common encoder shapes and stacked on a leading
+[k] axis (the train step scans over it), and the result becomes global jax.Arrays: token arrays sharded on
+the batch dimension, encoder inputs replicated.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from omni_jax.model_inputs import AUDIO_CHUNK_BUCKET, next_power_of_two
+from omni_jax.models.audio_encoder import plan_audio_chunks
+from omni_jax.models.thinker import MultimodalAudio, MultimodalVision
+from omni_jax.models.vision_encoder import plan_vision
+from omni_jax.sharding import batch_sharding
+
+TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids")
+_DTYPES = {"input_ids": np.int32, "targets": np.int32, "loss_mask": np.float32, "segment_ids": np.int32}
+
+
+def _count(ids: np.ndarray, token_id: int) -> int:
+    return int((ids == token_id).sum())
+
+
+def _audio_chunks(batch: Mapping[str, Any], cfg) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(chunks [C, n_mels, 2*n_window], chunk_lengths [C]) of the batch's real clips, or None without audio.
+
+    Bucket-padding clips (feature_attention_mask all 0) are dropped: they have no placeholder tokens."""
+    ids = np.asarray(batch["input_ids"])
+    placeholders = _count(ids, cfg.audio_token_index)
+    if batch.get("input_features") is None:
+        if placeholders:
+            raise ValueError(f"batch has {placeholders} audio placeholder tokens but no input_features")
+        return None
+    features = np.asarray(batch["input_features"], np.float32)
+    mask = np.asarray(batch["feature_attention_mask"])
+    real = mask.sum(-1) > 0
+    if not real.any():
+        if placeholders:
+            raise ValueError(f"batch has {placeholders} audio placeholder tokens but every audio clip is empty")
+        return None
+    plan = plan_audio_chunks(features[real], mask[real], chunk_bucket=AUDIO_CHUNK_BUCKET, n_window=cfg.audio.n_window)
+    if plan.num_tokens != placeholders:
+        raise ValueError(f"batch has {placeholders} audio placeholder tokens but its clips give {plan.num_tokens} "
+                         f"(per clip: {plan.tokens_per_sample.tolist()})")
+    return plan.chunks, plan.chunk_lengths
+
+
+def _vision_items(batch: Mapping[str, Any], cfg, pixel_key: str, grid_key: str, token_id: int, what: str):
+    """(pixel_values [N_real, C*T*P*P], grid [n, 3]) of the real items, or None."""
+    ids = np.asarray(batch["input_ids"])
+    placeholders = _count(ids, token_id)
+    if batch.get(pixel_key) is None:
+        if placeholders:
+            raise ValueError(f"batch has {placeholders} {what} placeholder tokens but no {pixel_key}")
+        return None
+    grid = np.asarray(batch[grid_key], np.int64).reshape(-1, 3)
+    grid = grid[np.prod(grid, axis=1) > 0]  # all-zero rows: bucket padding
+    pixels = np.asarray(batch[pixel_key], np.float32)
+    real = int(np.prod(grid, axis=1).sum())
+    if pixels.shape[0] < real:
+        raise ValueError(f"{pixel_key} has {pixels.shape[0]} patches but {grid_key} {grid.tolist()} needs {real}")
+    tokens = real // cfg.vision.spatial_merge_size ** 2
+    if tokens != placeholders:
+        raise ValueError(f"batch has {placeholders} {what} placeholder tokens but {grid_key} {grid.tolist()} "
+                         f"gives {tokens}")
+    if not len(grid):
+        return None
+    return pixels[:real], grid
+
+
+def stack_microbatches(micro: Sequence[Mapping[str, Any]], thinker_config) -> dict:
+    """k pipeline batches (each [B_micro, L]) -> one host pytree with a leading [k] axis.
+
+    Encoder inputs are padded to the largest microbatch (audio chunks of length 0, vision patch buckets), so
+    the k microbatches share one shape; a microbatch without a modality another one has gets empty inputs
+    (no placeholders, so nothing is scattered)."""
+    cfg = thinker_config
+    out: dict[str, Any] = {}
+    for key in TOKEN_KEYS:
+        arrays = [np.asarray(m[key]).astype(_DTYPES[key]) for m in micro]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise ValueError(f"microbatches of one step have different {key} shapes {sorted(shapes)}")
+        out[key] = np.stack(arrays)  # [k, B, L]
+    out["positions"] = np.stack([np.asarray(m["positions"]).astype(np.int32) for m in micro])  # [k, 3, B, L]
+    if out["positions"].shape[1:] != (3,) + out["input_ids"].shape[1:]:
+        raise ValueError(f"positions have shape {out['positions'].shape[1:]}; expected [3, B, L] = "
+                         f"{(3,) + out['input_ids'].shape[1:]}")
+
+    audio = [_audio_chunks(m, cfg) for m in micro]
+    out["audio"] = None
+    if any(a is not None for a in audio):
+        window = 2 * cfg.audio.n_window
+        count = max(a[0].shape[0] for a in audio if a is not None)
+        chunks = np.zeros((len(micro), count, cfg.audio.num_mel_bins, window), np.float32)
+        lengths = np.zeros((len(micro), count), np.int32)
+        for i, a in enumerate(audio):
+            if a is not None:
+                chunks[i, :a[0].shape[0]] = a[0]
+                lengths[i, :a[1].shape[0]] = a[1]
+        out["audio"] = MultimodalAudio(chunks, lengths, num_tokens=count * (window // 4))
+
+    for name, pixel_key, grid_key, token_id in (
+            ("image", "pixel_values", "image_grid_thw", cfg.image_token_index),
+            ("video", "pixel_values_videos", "video_grid_thw", cfg.video_token_index)):
+        items = [_vision_items(m, cfg, pixel_key, grid_key, token_id, name) for m in micro]
+        out[name] = None
+        if all(it is None for it in items):
+            continue
+        merge = cfg.vision.spatial_merge_size
+        patch_dim = cfg.vision.in_channels * cfg.vision.temporal_patch_size * cfg.vision.patch_size ** 2
+        bucket = max(next_power_of_two(it[0].shape[0], 4 * merge * merge) for it in items if it is not None)
+        pixels, plans = [], []
+        for it in items:
+            grid = it[1] if it is not None else np.array([[1, merge, merge]])  # stand-in, no placeholders
+            plan = plan_vision(grid, cfg.vision, num_patches_bucket=bucket)
+            real = it[0] if it is not None else np.zeros((merge * merge, patch_dim), np.float32)
+            pixels.append(plan.pad_pixel_values(real))
+            plans.append(plan.arrays)
+        out[name] = MultimodalVision(np.stack(pixels), jax.tree_util.tree_map(lambda *x: np.stack(x), *plans))
+    return out
+
+
+def split_microbatches(batch: Mapping[str, Any], k: int) -> list[dict]:
+    """Split a text-only pipeline batch [B, L] row-wise into k microbatches (tests, benchmarks)."""
+    if any(batch.get(key) is not None for key in ("input_features", "pixel_values", "pixel_values_videos")):
+        raise ValueError("split_microbatches handles text-only batches; pull k batches from the pipeline instead")
+    rows = np.asarray(batch["input_ids"]).shape[0]
+    if rows % k:
+        raise ValueError(f"{rows} rows do not split into {k} microbatches")
+    n = rows // k
+    out = []
+    for i in range(k):
+        m = {key: np.asarray(batch[key])[i * n:(i + 1) * n] for key in TOKEN_KEYS}
+        m["positions"] = np.asarray(batch["positions"])[:, i * n:(i + 1) * n]
+        out.append(m)
+    return out
+
+
+def batch_shardings(host_batch: Mapping[str, Any], mesh: Mesh) -> dict:
+    """NamedShardings for a stacked host batch: token arrays on the batch dim, encoder inputs replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    out = {key: batch_sharding(mesh, 3, batch_axis=1) for key in TOKEN_KEYS}
+    out["positions"] = batch_sharding(mesh, 4, batch_axis=2)
+    for name in ("audio", "image", "video"):
+        out[name] = None if host_batch.get(name) is None else jax.tree_util.tree_map(
+            lambda _: replicated, host_batch[name])
+    return out
+
+
+def to_global(host_batch: Mapping[str, Any], mesh: Mesh) -> dict:
+    """Host pytree (this process's rows) -> global jax.Arrays (rows of all processes, in process order).
+
+    Token arrays: each process holds its own slice of the batch dimension. Encoder inputs are replicated, so
+    with several processes every process must pass the same values (multi-host media: see docs/training.md).
+    """
+    shardings = batch_shardings(host_batch, mesh)
+    nproc = jax.process_count()
+    out = {}
+    for key, value in host_batch.items():
+        if value is None:
+            out[key] = None
+        elif key in TOKEN_KEYS or key == "positions":
+            axis = 1 if key in TOKEN_KEYS else 2
+            shape = list(value.shape)
+            shape[axis] *= nproc
+            out[key] = jax.make_array_from_process_local_data(shardings[key], value, tuple(shape))
+        else:
+            if nproc > 1:
+                raise NotImplementedError(
+                    f"media ({key}) in a multi-process run: encoder inputs are replicated and would need an "
+                    "all-gather across hosts, which this loop does not do yet; train media on one host")
+            out[key] = jax.device_put(value, shardings[key])
+    return out

@@ -1,0 +1,215 @@
+"""The train step: thinker next-token loss, gradient accumulation, AdamW, freezing, NaN/inf skipping.
+
+    trainer = Trainer(thinker, optimizer, mesh)
+    state = trainer.init_state(params, rng)           # params placed on the mesh, optimizer state beside them
+    state, metrics = trainer.step(state, batch)       # batch: train.batches.to_global(...) ([k, B, L] leaves)
+
+The loss is sum(cross-entropy * loss_mask) / sum(loss_mask) over the whole step (all k microbatches), so k
+accumulated microbatches give the gradient of the one big batch. Cross-entropy is computed in float32.
+Master weights are `param_dtype` (float32); the model computes in `dtype` (e.g. bfloat16).
+A step whose loss or gradient is not finite leaves params and optimizer state untouched and is counted.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from omni_jax.models.thinker import Thinker, init_thinker
+from omni_jax.sharding import logical_shardings, opt_state_shardings, rules_context
+
+# freezable module -> predicate on the param key path (below the top-level "thinker"/"talker" key)
+MODULE_OF = {"audio_tower": "audio_encoder", "visual": "vision_encoder"}
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32: optimizer steps taken (skipped non-finite steps included)
+    params: Any  # {"thinker": {...}} master weights
+    opt_state: Any
+    rng: jax.Array  # [2] uint32 raw key data (the model has no dropout; kept for stochastic extensions)
+    nonfinite_streak: jax.Array  # [] int32: consecutive non-finite steps
+    nonfinite_total: jax.Array  # [] int32
+
+
+def module_labels(params: Mapping[str, Any], freeze: Sequence[str]) -> Any:
+    """Same tree as params, each leaf "frozen" or "train" (freeze: names from train.config.FREEZABLE)."""
+    def label(path, _):
+        keys = [getattr(k, "key", str(k)) for k in path]
+        if keys[0] == "talker":
+            module = "talker"
+        elif keys[0] == "thinker":
+            module = MODULE_OF.get(keys[1], "thinker_lm")
+        else:
+            module = keys[0]
+        return "frozen" if module in freeze else "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def lr_schedule(learning_rate: float, warmup_steps: int, total_steps: int, end_lr_ratio: float):
+    """Linear warmup from 0 to the peak, then cosine to peak * end_lr_ratio at total_steps."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=learning_rate, warmup_steps=max(warmup_steps, 0),
+        decay_steps=max(total_steps, warmup_steps + 1), end_value=learning_rate * end_lr_ratio)
+
+
+def make_optimizer(optim, total_steps: int, labels: Any) -> optax.GradientTransformation:
+    """AdamW + warmup/cosine + global-norm clipping on trainable params; zero updates for frozen ones."""
+    schedule = lr_schedule(optim.learning_rate, optim.warmup_steps, total_steps, optim.end_lr_ratio)
+    parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
+    parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay))
+    adamw = optax.chain(*parts)
+    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
+
+
+def token_losses(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Masked float32 cross-entropy per token. logits [B, L, V], targets [B, L] -> [B, L]."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return (log_z - target_logit) * loss_mask.astype(jnp.float32)
+
+
+def thinker_loss_sum(thinker: Thinker, params: Mapping[str, Any], micro: Mapping[str, Any]) -> tuple:
+    """(sum of masked token losses, number of loss tokens) of one microbatch ([B, L] leaves)."""
+    out = thinker.apply({"params": params["thinker"]}, micro["input_ids"], micro["positions"], micro["segment_ids"],
+                        audio=micro.get("audio"), image=micro.get("image"), video=micro.get("video"))
+    losses = token_losses(out.logits, micro["targets"], micro["loss_mask"])
+    return losses.sum(), micro["loss_mask"].astype(jnp.float32).sum()
+
+
+def _tree_all_finite(tree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+class Trainer:
+    """Jitted train and eval steps of the thinker on a mesh (params sharded by their logical axes)."""
+
+    def __init__(self, thinker: Thinker, optimizer: optax.GradientTransformation, mesh: Mesh,
+                 extra_params: Optional[Mapping[str, Any]] = None):
+        self.thinker = thinker
+        self.optimizer = optimizer
+        self.mesh = mesh
+        boxed = jax.eval_shape(lambda: init_thinker(thinker, jax.random.key(0)))["params"]
+        self.param_shardings = {"thinker": logical_shardings(boxed, mesh)}
+        abstract_params = {"thinker": nn.meta.unbox(boxed)}
+        abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.state_shardings = TrainState(
+            step=replicated, params=self.param_shardings,
+            opt_state=opt_state_shardings(abstract_opt, abstract_params, self.param_shardings, mesh),
+            rng=replicated, nonfinite_streak=replicated, nonfinite_total=replicated)
+        self.abstract_state = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt,
+                       rng=jax.ShapeDtypeStruct((2,), jnp.uint32), nonfinite_streak=jax.ShapeDtypeStruct((), jnp.int32),
+                       nonfinite_total=jax.ShapeDtypeStruct((), jnp.int32)),
+            self.state_shardings)
+        self._steps: dict[Any, Any] = {}
+        self._evals: dict[Any, Any] = {}
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, params: Mapping[str, Any], seed: int = 0) -> TrainState:
+        """Place params ({"thinker": ...}, host or device arrays) on the mesh and build the optimizer state."""
+        dtype = jnp.dtype(self.thinker.options.param_dtype)
+        # a fresh copy in param_dtype, placed in its shards (the train step donates the state; the caller's
+        # arrays stay valid)
+        with jax.set_mesh(self.mesh):
+            params = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), p),
+                             out_shardings=self.param_shardings)({"thinker": params["thinker"]})
+        with jax.set_mesh(self.mesh):
+            opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings.opt_state)(params)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        put = lambda x: jax.device_put(x, replicated)  # noqa: E731
+        return TrainState(step=put(jnp.zeros((), jnp.int32)), params=params, opt_state=opt_state,
+                          rng=put(jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)),
+                          nonfinite_streak=put(jnp.zeros((), jnp.int32)),
+                          nonfinite_total=put(jnp.zeros((), jnp.int32)))
+
+    # ------------------------------------------------------------------ step
+    def _grads(self, params, batch):
+        """Summed gradients, loss sum and token count over the k stacked microbatches ([k, ...] leaves)."""
+        grad_fn = jax.value_and_grad(lambda p, m: thinker_loss_sum(self.thinker, p, m), has_aux=True)
+        k = batch["input_ids"].shape[0]
+        if k == 1:
+            (loss_sum, tokens), grads = grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], batch))
+            return grads, loss_sum, tokens
+
+        def accumulate(carry, micro):
+            grads_acc, loss_acc, tokens_acc = carry
+            (loss_sum, tokens), grads = grad_fn(params, micro)
+            grads_acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            return (grads_acc, loss_acc + loss_sum, tokens_acc + tokens), None
+
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (grads, loss_sum, tokens), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+        return grads, loss_sum, tokens
+
+    def _train_step(self, state: TrainState, batch):
+        with rules_context():
+            grads, loss_sum, tokens = self._grads(state.params, batch)
+        denom = jnp.maximum(tokens, 1.0)
+        loss = loss_sum / denom
+        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        finite = jnp.isfinite(loss) & _tree_all_finite(grads)
+        updates, new_opt = self.optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+        new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+                               opt_state=keep(new_opt, state.opt_state),
+                               rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]),
+                               nonfinite_streak=streak.astype(jnp.int32),
+                               nonfinite_total=(state.nonfinite_total + (~finite)).astype(jnp.int32))
+        metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads), "finite": finite,
+                   "nonfinite_streak": new_state.nonfinite_streak}
+        return new_state, metrics
+
+    def step(self, state: TrainState, batch: Mapping[str, Any]):
+        """One optimizer step on a global batch (train.batches.to_global). Donates `state`."""
+        from train.batches import batch_shardings
+
+        key = jax.tree_util.tree_structure(batch)
+        fn = self._steps.get(key)
+        if fn is None:
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            fn = jax.jit(self._train_step,
+                         in_shardings=(self.state_shardings, batch_shardings(batch, self.mesh)),
+                         out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+            self._steps[key] = fn
+        with jax.set_mesh(self.mesh):
+            return fn(state, batch)
+
+    # ------------------------------------------------------------------ eval loss
+    def _eval_step(self, params, batch):
+        with rules_context():
+            _, loss_sum, tokens = jax.lax.stop_gradient(self._loss_only(params, batch))
+        return {"loss_sum": loss_sum, "tokens": tokens}
+
+    def _loss_only(self, params, batch):
+        def one(carry, micro):
+            loss_sum, tokens = thinker_loss_sum(self.thinker, params, micro)
+            return (carry[0] + loss_sum, carry[1] + tokens), None
+
+        (loss_sum, tokens), _ = jax.lax.scan(one, (jnp.float32(0), jnp.float32(0)), batch)
+        return None, loss_sum, tokens
+
+    def eval_loss_sums(self, params, batch):
+        """{"loss_sum", "tokens"} of a global batch (no update)."""
+        from train.batches import batch_shardings
+
+        key = jax.tree_util.tree_structure(batch)
+        fn = self._evals.get(key)
+        if fn is None:
+            fn = jax.jit(self._eval_step, in_shardings=(self.param_shardings, batch_shardings(batch, self.mesh)),
+                         out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+            self._evals[key] = fn
+        with jax.set_mesh(self.mesh):
+            return fn(params, batch)
