@@ -265,6 +265,10 @@ def test_over_long_samples_are_skipped_and_counted(toy, processor):
     assert counters["skipped_too_long"] == len(too_long) and not packed & set(too_long)
     assert packed == set(samples) - set(too_long)
     assert all(b["input_ids"].shape == (2, L) for b in batches)
+    # On the endless stream, a seq_len nothing fits in is an error, not an endless loop.
+    it = make_train_iterator(toy, processor=processor, seq_len=16, batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="in a row were skipped"):
+        next(it)
 
 
 def test_cached_samples_give_the_same_batches(toy, processor):

@@ -4,7 +4,9 @@
 current batch with room for all of its tokens (first fit over the B rows; with ``pack=False`` one sample per
 row). When a sample fits no row, the
 batch is emitted and the sample opens the next one. A sample longer than L is skipped and counted (never
-truncated: that could cut a media span); `Skip` markers from processing are counted by reason.
+truncated: that could cut a media span); `Skip` markers from processing are counted by reason. With
+``max_consecutive_skips``, that many skipped samples in a row (on an endless stream: nothing fits) raise a
+ValueError instead of reading forever.
 
 Checkpointing: the iterator state is the parent's state from *before* the sample that is held over for the
 next batch, plus the counters, so `set_state(get_state())` re-reads that sample and reproduces the following
@@ -21,7 +23,8 @@ Batch (one host's slice; see docs/data.md):
 """
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Optional
 
 import grain
 import numpy as np
@@ -29,6 +32,8 @@ import numpy as np
 from omni_jax.data.sample import Skip
 from omni_jax.processing.audio import DEFAULT_FRAME_BUCKET
 from omni_jax.processing.tokenizer import ENDOFTEXT_ID
+
+log = logging.getLogger(__name__)
 
 COUNTER_NAMES = ("samples_read", "samples_packed", "skipped_bad_media", "skipped_bad_conversation",
                  "skipped_no_loss_tokens", "skipped_too_long", "batches", "real_tokens", "loss_tokens")
@@ -86,8 +91,10 @@ def collate(rows: list[list[dict]], seq_len: int, pad_id: int = ENDOFTEXT_ID,
 
 class _PackedBatchIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, seq_len: int, batch_size: int, pack: bool, pad_id: int,
-                 frame_bucket: int):
+                 frame_bucket: int, max_consecutive_skips: Optional[int]):
         super().__init__(parent)
+        self._max_skips = max_consecutive_skips
+        self._warned_too_long: set[str] = set()
         self._seq_len, self._batch_size, self._pack = seq_len, batch_size, pack
         self._pad_id, self._frame_bucket = pad_id, frame_bucket
         self._pending: dict | None = None  # a sample read but not yet placed (opens the next batch)
@@ -108,7 +115,11 @@ class _PackedBatchIterator(grain.DatasetIterator):
             fill[0] = len(self._pending["input_ids"])
             self.counters["samples_read"] += 1
             self._pending = self._pending_state = None
+        skips = 0
         while not self._exhausted:
+            if self._max_skips is not None and skips > self._max_skips:
+                raise ValueError(f"{skips} samples in a row were skipped (none fits seq_len={L} or none can be "
+                                 f"processed); counters: {self.counters}")
             state_before = self._parent.get_state()
             try:
                 sample = next(self._parent)
@@ -118,11 +129,17 @@ class _PackedBatchIterator(grain.DatasetIterator):
             self.counters["samples_read"] += 1
             if isinstance(sample, Skip):
                 self._count_skip(sample)
+                skips += 1
                 continue
             n = len(sample["input_ids"])
             if n > L:
                 self.counters["skipped_too_long"] += 1
+                skips += 1
+                if sample["id"] not in self._warned_too_long:  # once per sample, not once per epoch
+                    self._warned_too_long.add(sample["id"])
+                    log.warning("skipping %s (too_long): %d tokens > seq_len %d", sample["id"], n, L)
                 continue
+            skips = 0
             row = next((b for b in range(B) if fill[b] + n <= L and (self._pack or not rows[b])), None)
             if row is None:  # the batch is full for this sample: it opens the next batch
                 self.counters["samples_read"] -= 1  # re-read after a restore; counted when placed
@@ -157,8 +174,10 @@ class PackedBatchIterDataset(grain.IterDataset):
     """Samples (or Skip markers) -> packed [batch_size, seq_len] batches (module docstring)."""
 
     def __init__(self, parent: grain.IterDataset, seq_len: int, batch_size: int, pack: bool = True,
-                 pad_id: int = ENDOFTEXT_ID, frame_bucket: int = DEFAULT_FRAME_BUCKET):
+                 pad_id: int = ENDOFTEXT_ID, frame_bucket: int = DEFAULT_FRAME_BUCKET,
+                 max_consecutive_skips: Optional[int] = None):
         super().__init__(parent)
+        self._max_skips = max_consecutive_skips
         if seq_len < 2 or batch_size < 1:
             raise ValueError(f"seq_len must be >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
         self._seq_len, self._batch_size, self._pack = seq_len, batch_size, pack
@@ -166,7 +185,7 @@ class PackedBatchIterDataset(grain.IterDataset):
 
     def __iter__(self) -> _PackedBatchIterator:
         return _PackedBatchIterator(self._parent.__iter__(), self._seq_len, self._batch_size, self._pack,
-                                    self._pad_id, self._frame_bucket)
+                                    self._pad_id, self._frame_bucket, self._max_skips)
 
     def __str__(self) -> str:
         return f"PackedBatchIterDataset(seq_len={self._seq_len}, batch_size={self._batch_size})"

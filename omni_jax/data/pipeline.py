@@ -170,13 +170,16 @@ def make_dataset(data_config: Any, *, processor: Processor, seq_len: int, batch_
     ds = grain.MapDataset.source(source)[shard_index::shard_count]
     if len(ds) == 0:
         raise ValueError(f"shard {shard_index} of {shard_count} of {len(source)} records is empty")
+    shard_size = len(ds)
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.shuffle_seed if cfg.shuffle_seed is not None else seed)
     ds = ds.repeat(num_epochs)
     ds = ds.map(_ProcessRecord(processor, cfg.cache_samples))
     read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
+    # More skips in a row than one pass over the shard: nothing in it can be used.
     return PackedBatchIterDataset(ds.to_iter_dataset(read), seq_len, batch_size, pack=cfg.packing,
-                                  pad_id=processor.pad_token_id, frame_bucket=processor.audio_pad_to_multiple_of)
+                                  pad_id=processor.pad_token_id, frame_bucket=processor.audio_pad_to_multiple_of,
+                                  max_consecutive_skips=shard_size + 1)
 
 
 def make_train_iterator(data_config: Any, *, processor: Processor, seq_len: int, batch_size: int, seed: int,
