@@ -34,7 +34,7 @@ def processor(tmp_path_factory):
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     cfg = DataConfig(dataset="omni_toy", data_dir=str(tmp_path_factory.mktemp("tfds")), toy_num_train=N_TRAIN,
-                     toy_num_validation=N_VAL, num_threads=1)
+                     toy_num_validation=N_VAL, num_threads=2)
     build_dataset(cfg)
     return cfg
 
