@@ -141,6 +141,9 @@ def _write_jsonl(folder):
                       {"role": "assistant", "content": "No."}]},
         {"messages": [user({"type": "audio", "audio": "media/tiny.wav"}, text("Hm?")),
                       {"role": "assistant", "content": "Silence."}]},
+        {"messages": [user({"type": "image_url", "image_url": {"url": f"file://{media / 'shape.png'}"}},
+                           text("And this?")),
+                      {"role": "assistant", "content": "The same square."}]},
     ]
     path = folder / "train.jsonl"
     path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
@@ -161,7 +164,7 @@ def test_jsonl_builder_skips_and_counts_bad_lines(jsonl_data, processor, caplog)
     with caplog.at_level(logging.WARNING):
         builder = build_dataset(cfg)
     report = builder.info.metadata["build_report"]["train"]
-    assert report["lines"] == 10 and report["kept"] == 5
+    assert report["lines"] == 11 and report["kept"] == 6
     assert report["skipped"] == {"bad_json": 1, "bad_conversation": 0, "no_assistant_turn": 1, "missing_media": 1,
                                  "corrupt_media": 1, "unsupported_media": 1}
     assert set(report["skipped"]) == set(SKIP_REASONS)
@@ -175,9 +178,9 @@ def test_jsonl_builder_skips_and_counts_bad_lines(jsonl_data, processor, caplog)
     # Self-contained: the pipeline works with the original media gone; the too-short clip is skipped there.
     shutil.rmtree(media)
     batches, ids, counters = _epoch(cfg, processor, seq_len=512, batch_size=2)
-    assert counters["skipped_bad_media"] == 1 and counters["samples_packed"] == 4
+    assert counters["skipped_bad_media"] == 1 and counters["samples_packed"] == 5
     got = sorted(i for b in ids for row in b for i in row)
-    assert got == ["train.jsonl:1", "train.jsonl:2", "train.jsonl:3", "train.jsonl:8"]
+    assert got == ["train.jsonl:1", "train.jsonl:11", "train.jsonl:2", "train.jsonl:3", "train.jsonl:8"]
     keys = set().union(*batches)
     assert {"input_features", "pixel_values", "pixel_values_videos", "video_grid_thw"} <= keys
 
