@@ -250,6 +250,11 @@ def test_packed_rows_equal_unpacked_samples(toy, processor):
                 assert fmask[k].sum() == c.shape[1] and not feats[k, :, c.shape[1]:].any()
         else:
             assert "input_features" not in batch
+        for b, row in enumerate(rows):  # talker targets: each segment's codec pattern, in segment order
+            codes = batch["codec_targets"][b][batch["codec_segment_ids"][b] > 0]
+            np.testing.assert_array_equal(codes, np.concatenate([codec_pattern(samples[i]["answer"]) for i in row]))
+            segs = batch["codec_segment_ids"][b][batch["codec_segment_ids"][b] > 0]
+            np.testing.assert_array_equal(segs, np.repeat(np.arange(1, len(row) + 1), len(codec_pattern("x"))))
         for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
             parts = [s[key] for s in order if key in s]
             if parts:

@@ -20,6 +20,8 @@ Batch (one host's slice; see docs/data.md):
   input_features [A, 128, F] float32 + feature_attention_mask [A, F] int32 (F = longest clip rounded up to
   `frame_bucket`), pixel_values [P, 1176] + image_grid_thw [I, 3] int64, pixel_values_videos [Pv, 1176] +
   video_grid_thw [V, 3] int64 + video_second_per_grid [V] float32.
+  When samples carry codec targets (omni_toy): codec_targets [B, L] int32 (each sample's codec ids packed in
+  its row, segment order) + codec_segment_ids [B, L] int32 (the segment they belong to, 0 = none).
 """
 from __future__ import annotations
 
@@ -69,6 +71,20 @@ def collate(rows: list[list[dict]], seq_len: int, pad_id: int = ENDOFTEXT_ID,
     batch = {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask, "segment_ids": segment_ids,
              "positions": positions, "num_samples": np.int32(sum(len(r) for r in rows)),
              "num_tokens": np.int32(loss_mask.sum())}
+    if any(len(s.get("codec", ())) for row in rows for s in row):
+        # Talker targets: each sample's codec ids, packed in its row in segment order.
+        codec = np.zeros((B, L), np.int32)
+        codec_segments = np.zeros((B, L), np.int32)
+        for b, row in enumerate(rows):
+            offset = 0
+            for seg, s in enumerate(row, start=1):
+                codes = np.asarray(s.get("codec", ()), np.int32)
+                if offset + len(codes) > L:
+                    raise ValueError(f"row {b}: the codec targets of its samples exceed {L} ids")
+                codec[b, offset:offset + len(codes)] = codes
+                codec_segments[b, offset:offset + len(codes)] = seg
+                offset += len(codes)
+        batch["codec_targets"], batch["codec_segment_ids"] = codec, codec_segments
     if media["audio"]:
         clips = media["audio"]
         longest = max(c.shape[1] for c in clips)

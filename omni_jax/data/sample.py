@@ -15,6 +15,7 @@ A sample (a dict of numpy arrays, one conversation, no padding):
   pixel_values [P, 1176], image_grid_thw [I, 3]                            (present when it has images)
   pixel_values_videos [Pv, 1176], video_grid_thw [V, 3], video_second_per_grid [V]   (videos)
   codec                   [c] int32 codec targets (toy task; may be empty)
+  answer                  str reference answer (toy task; "" otherwise)
 
 A record that cannot be processed becomes a `Skip` (reason + message naming the record), counted downstream.
 """
@@ -122,7 +123,8 @@ def process_record(record: Mapping[str, Any], processor: Processor, rope_ids: Ro
     if not mask[1:].any():
         return Skip("no_loss_tokens", sample_id, "no assistant token to learn")
 
-    sample: dict[str, Any] = {"id": sample_id, "input_ids": ids, "assistant_mask": mask, "codec": rec["codec"]}
+    sample: dict[str, Any] = {"id": sample_id, "input_ids": ids, "assistant_mask": mask, "codec": rec["codec"],
+                              "answer": rec["answer"]}
     audio_seqlens = None
     sample["audio_features"] = []
     if "input_features" in batch:
