@@ -55,8 +55,39 @@ def process_logits(logits: jax.Array, params: SamplingParams, seen: Optional[jax
                    suppress_tokens: Sequence[int] = ()) -> jax.Array:
     """Apply penalty, suppression, temperature, top-k and top-p. [B, V] float32 -> [B, V] (filtered = -inf).
 
-    For greedy rows (temperature 0) only the penalty and suppression apply.
+    For greedy rows (temperature 0) only the penalty and suppression apply. The full-vocabulary sorts of top-k
+    and top-p run only when some row uses them (`lax.cond`): they cost more than a decode step's matmuls on CPU.
     """
+    logits = penalise(logits, params, seen, suppress_tokens)
+    greedy = params.temperature[:, None] == 0
+    scaled = logits / jnp.where(greedy, 1.0, params.temperature[:, None])
+
+    def top_k(scaled):  # keep logits >= the k-th largest (ties kept, as HF)
+        sorted_desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
+        vocab = scaled.shape[-1]
+        k = jnp.clip(params.top_k, 1, vocab)
+        kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
+        use_k = (params.top_k > 0)[:, None]
+        return jnp.where(use_k & (scaled < kth), NEG_INF, scaled)
+
+    def top_p(scaled):  # HF: sort ascending, drop tokens whose cumulative probability <= 1 - top_p, keep the best
+        sorted_asc = jnp.sort(scaled, axis=-1)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_asc, axis=-1), axis=-1)
+        drop_sorted = cum <= (1.0 - params.top_p)[:, None]
+        drop_sorted = drop_sorted.at[:, -1].set(False)
+        # threshold = the smallest kept logit; everything below it is removed (ties at the threshold kept)
+        kept_min = jnp.min(jnp.where(drop_sorted, jnp.inf, sorted_asc), axis=-1, keepdims=True)
+        use_p = (params.top_p < 1.0)[:, None]
+        return jnp.where(use_p & (scaled < kept_min), NEG_INF, scaled)
+
+    scaled = jax.lax.cond(jnp.any(params.top_k > 0), top_k, lambda x: x, scaled)
+    scaled = jax.lax.cond(jnp.any(params.top_p < 1.0), top_p, lambda x: x, scaled)
+    return jnp.where(greedy, logits, scaled)
+
+
+def penalise(logits: jax.Array, params: SamplingParams, seen: Optional[jax.Array] = None,
+             suppress_tokens: Sequence[int] = ()) -> jax.Array:
+    """Repetition penalty (on ids in `seen`) and suppressed tokens: [B, V] -> [B, V] float32."""
     logits = logits.astype(jnp.float32)
     if seen is not None:
         penalty = params.repetition_penalty[:, None]
@@ -64,33 +95,20 @@ def process_logits(logits: jax.Array, params: SamplingParams, seen: Optional[jax
         logits = jnp.where(seen, penalised, logits)
     if suppress_tokens:
         logits = logits.at[:, jnp.asarray(list(suppress_tokens))].set(NEG_INF)
-    greedy = params.temperature[:, None] == 0
-    scaled = logits / jnp.where(greedy, 1.0, params.temperature[:, None])
-
-    # top-k: keep logits >= the k-th largest (ties kept, as HF)
-    sorted_desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
-    vocab = scaled.shape[-1]
-    k = jnp.clip(params.top_k, 1, vocab)
-    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
-    use_k = (params.top_k > 0)[:, None]
-    scaled = jnp.where(use_k & (scaled < kth), NEG_INF, scaled)
-
-    # top-p (HF): sort ascending, drop tokens whose cumulative probability <= 1 - top_p, always keep the best
-    sorted_asc = jnp.sort(scaled, axis=-1)
-    cum = jnp.cumsum(jax.nn.softmax(sorted_asc, axis=-1), axis=-1)
-    drop_sorted = cum <= (1.0 - params.top_p)[:, None]
-    drop_sorted = drop_sorted.at[:, -1].set(False)
-    # threshold = the smallest kept logit; everything below it is removed (ties at the threshold kept)
-    kept_min = jnp.min(jnp.where(drop_sorted, jnp.inf, sorted_asc), axis=-1, keepdims=True)
-    use_p = (params.top_p < 1.0)[:, None]
-    scaled = jnp.where(use_p & (scaled < kept_min), NEG_INF, scaled)
-    return jnp.where(greedy, logits, scaled)
+    return logits
 
 
 def select_tokens(logits: jax.Array, params: SamplingParams, key: jax.Array, seen: Optional[jax.Array] = None,
                   suppress_tokens: Sequence[int] = ()) -> jax.Array:
-    """[B, V] logits -> [B] int32 tokens: argmax for greedy rows, a categorical draw otherwise."""
-    processed = process_logits(logits, params, seen, suppress_tokens)
-    drawn = jax.random.categorical(key, processed, axis=-1)
-    greedy = jnp.argmax(processed, axis=-1)
-    return jnp.where(params.temperature == 0, greedy, drawn).astype(jnp.int32)
+    """[B, V] logits -> [B] int32 tokens: argmax for greedy rows, a categorical draw otherwise.
+
+    When every row is greedy only the penalty/suppression and an argmax run (no sort, no draw)."""
+    def sample(logits):
+        processed = process_logits(logits, params, seen, suppress_tokens)
+        drawn = jax.random.categorical(key, processed, axis=-1)
+        return jnp.where(params.temperature == 0, jnp.argmax(processed, axis=-1), drawn).astype(jnp.int32)
+
+    def greedy(logits):
+        return jnp.argmax(penalise(logits, params, seen, suppress_tokens), axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(params.temperature > 0), sample, greedy, logits)

@@ -1,0 +1,150 @@
+"""`omni-jax eval`: JSONL requests in, JSONL records out; bad requests get error records; killed and resumed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import soundfile
+
+from media import write_image, write_wav
+from serve.eval import read_done, run_eval
+from test_engine import MAX_POSITIONS, build_model_dir, user
+
+GOOD = {
+    "plain": {"messages": user("Hello, who are you?"), "max_new_tokens": 6},
+    "system": {"messages": [{"role": "system", "content": "Be brief."}] + user("What is 2+2?"),
+               "max_new_tokens": 5},
+    "image": {"messages": user({"type": "image", "image": "media/img.png"}, "Describe it."), "max_new_tokens": 7},
+    "audio": {"messages": user({"type": "audio", "audio": "media/clip.wav"}, "What do you hear?"),
+              "max_new_tokens": 4},
+    "longer": {"messages": user("Count: " + "one two three " * 8), "max_new_tokens": 8},
+    "sampled": {"messages": user("Surprise me"), "max_new_tokens": 6, "temperature": 0.7, "top_p": 0.9, "seed": 1},
+}
+BAD = {  # id -> (request fields, words the error must contain)
+    "missing_file": ({"messages": user({"type": "image", "image": "media/missing.png"}, "?")},
+                     ["file not found", "media/missing.png"]),
+    "bad_speaker": ({"messages": user("Hi"), "return_audio": True, "speaker": "Nobody"},
+                    ["unknown speaker 'Nobody'", "Chelsie", "Ethan"]),
+    "too_long": ({"messages": user("word " * 300), "max_new_tokens": 4},
+                 ["prompt too long", f"{MAX_POSITIONS} positions"]),
+}
+MALFORMED = '{"id": "broken", "messages": [{"role": "user", "content": "unterminated'
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    model = build_model_dir(root / "model")
+    (root / "media").mkdir()
+    write_image(root / "media" / "img.png", 56, 56)
+    write_wav(root / "media" / "clip.wav", 1.0)
+    lines = []
+    for rid, fields in list(GOOD.items())[:3] + [("missing_file", BAD["missing_file"][0])] + \
+            list(GOOD.items())[3:] + [(k, v[0]) for k, v in BAD.items() if k != "missing_file"]:
+        lines.append(json.dumps({"id": rid, **fields}))
+    lines.insert(5, MALFORMED)
+    lines.append(json.dumps({"id": "plain", "messages": user("duplicate id")}))
+    requests = root / "requests.jsonl"
+    requests.write_text("\n".join(lines) + "\n")
+    return model, requests, root
+
+
+def _records(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _check(records: list[dict], root) -> dict:
+    by_id = {}
+    for r in records:
+        key = r["id"] if r["id"] is not None else f"line {r['line']}"
+        assert key not in by_id, f"{key} has two records"
+        by_id[key] = r
+    assert set(by_id) == set(GOOD) | set(BAD) | {"line 6", "line 11"}
+    for rid, fields in GOOD.items():
+        r = by_id[rid]
+        assert r["error"] is None, r
+        assert 1 <= len(r["token_ids"]) <= fields["max_new_tokens"] and isinstance(r["text"], str)
+        assert r["finish_reason"] in ("stop", "length") and r["audio"] is None
+        assert r["timings"]["new_tokens"] == len(r["token_ids"]) and r["timings"]["total"] > 0
+    for rid, (_, words) in BAD.items():
+        r = by_id[rid]
+        assert r["text"] is None and r["token_ids"] is None
+        for w in words:
+            assert w in r["error"], (rid, r["error"])
+    assert "not valid JSON" in by_id["line 6"]["error"]
+    assert "duplicate id 'plain'" in by_id["line 11"]["error"]
+    return by_id
+
+
+def test_eval_answers_good_requests_and_reports_bad_ones(setup, tmp_path):
+    model, requests, root = setup
+    out = tmp_path / "out.jsonl"
+    summary = run_eval(model, str(requests), str(out), progress=False)
+    assert summary["answered"] == len(GOOD) and summary["errors"] == len(BAD) + 2 and summary["skipped"] == 0
+    _check(_records(out), root)
+    # Re-running skips everything already answered (and the error records): nothing is appended.
+    size = out.stat().st_size
+    again = run_eval(model, str(requests), str(out), progress=False)
+    assert again["answered"] == again["errors"] == 0 and again["skipped"] == len(GOOD) + len(BAD) + 2
+    assert out.stat().st_size == size
+
+
+def _cli(model, requests, out, extra=()):
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "omni_jax", "eval", "--model", model, "--requests", str(requests), "--out", str(out),
+           "--max-batch", "1", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_run_resumes_without_redoing_or_losing_records(setup, tmp_path):
+    model, requests, root = setup
+    out = tmp_path / "out.jsonl"
+    proc = _cli(model, requests, out)
+    deadline = time.time() + 600
+    answered = lambda: sum(1 for r in _records(out) if r["error"] is None) if out.exists() else 0  # noqa: E731
+    while answered() < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, f"eval ended before it could be killed:\n{proc.communicate()[1][-3000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _records(out)
+    done_before = {r["id"] for r in before if r["error"] is None}
+    assert 2 <= len(done_before) < len(GOOD), "the kill should land half-way"
+    with open(out, "a") as f:  # what a crash in the middle of a write would leave
+        f.write('{"id": "longer", "text": "half a rec')
+    assert read_done(str(out))[0] == {r["id"] for r in before if r["id"]}  # and the partial line is cut off
+
+    proc = _cli(model, requests, out, ["--no-progress"])
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    after = _records(out)
+    assert after[: len(before)] == before  # nothing rewritten
+    by_id = _check(after, root)
+    # Resumed run with batches of 1 gives the same greedy answers as the batched in-process run.
+    ref = tmp_path / "ref.jsonl"
+    run_eval(model, str(requests), str(ref), progress=False)
+    ref_ids = {r["id"]: r["token_ids"] for r in _records(ref) if r["error"] is None}
+    for rid in GOOD:
+        if GOOD[rid].get("temperature", 0) == 0:
+            assert by_id[rid]["token_ids"] == ref_ids[rid], rid
+    assert "already done" in err
+
+
+def test_speech_request_writes_a_wav(setup, tmp_path):
+    model, _, root = setup
+    requests = tmp_path / "speech.jsonl"
+    requests.write_text(json.dumps({"id": "talk/1", "messages": user("Say hi"), "max_new_tokens": 4,
+                                    "return_audio": True, "speaker": "Chelsie",
+                                    "talker": {"max_new_tokens": 16, "do_sample": False}}) + "\n")
+    out = tmp_path / "speech_out.jsonl"
+    summary = run_eval(model, str(requests), str(out), audio_dir=str(tmp_path / "wavs"), progress=False)
+    assert summary["answered"] == 1, _records(out)
+    (record,) = _records(out)
+    wave, rate = soundfile.read(record["audio"], dtype="float32")
+    assert rate == 24000 and wave.size > 0 and os.path.dirname(record["audio"]) == str(tmp_path / "wavs")
