@@ -76,13 +76,20 @@ def _vision_items(batch: Mapping[str, Any], cfg, pixel_key: str, grid_key: str, 
     return pixels[:real], grid
 
 
-def stack_microbatches(micro: Sequence[Mapping[str, Any]], thinker_config) -> dict:
+def stack_microbatches(micro: Sequence[Mapping[str, Any]], thinker_config,
+                       media_buckets: Optional[Mapping[str, int]] = None) -> dict:
     """k pipeline batches (each [B_micro, L]) -> one host pytree with a leading [k] axis.
 
     Encoder inputs are padded to the largest microbatch (audio chunks of length 0, vision patch buckets), so
     the k microbatches share one shape; a microbatch without a modality another one has gets empty inputs
-    (no placeholders, so nothing is scattered)."""
+    (no placeholders, so nothing is scattered).
+
+    media_buckets ({"audio_chunks": n, "image_patches": n, "video_patches": n}): a modality named there is
+    always present (empty stand-in when the batch has none) and padded to at least that size (else to the
+    next power of two above it), so a run compiles one step program instead of one per modality mix and
+    size. The shapes depend only on the batch itself, never on earlier batches (resume stays bit-exact)."""
     cfg = thinker_config
+    media_buckets = dict(media_buckets or {})
     out: dict[str, Any] = {}
     for key in TOKEN_KEYS:
         arrays = [np.asarray(m[key]).astype(_DTYPES[key]) for m in micro]
@@ -97,9 +104,13 @@ def stack_microbatches(micro: Sequence[Mapping[str, Any]], thinker_config) -> di
 
     audio = [_audio_chunks(m, cfg) for m in micro]
     out["audio"] = None
-    if any(a is not None for a in audio):
+    min_chunks = int(media_buckets.get("audio_chunks", 0))
+    if any(a is not None for a in audio) or min_chunks:
         window = 2 * cfg.audio.n_window
-        count = max(a[0].shape[0] for a in audio if a is not None)
+        count = max([a[0].shape[0] for a in audio if a is not None] + [0])
+        if min_chunks and count > min_chunks:
+            count = next_power_of_two(count)
+        count = max(count, min_chunks)
         chunks = np.zeros((len(micro), count, cfg.audio.num_mel_bins, window), np.float32)
         lengths = np.zeros((len(micro), count), np.int32)
         for i, a in enumerate(audio):
@@ -113,11 +124,13 @@ def stack_microbatches(micro: Sequence[Mapping[str, Any]], thinker_config) -> di
             ("video", "pixel_values_videos", "video_grid_thw", cfg.video_token_index)):
         items = [_vision_items(m, cfg, pixel_key, grid_key, token_id, name) for m in micro]
         out[name] = None
-        if all(it is None for it in items):
+        min_patches = int(media_buckets.get(f"{name}_patches", 0))
+        if all(it is None for it in items) and not min_patches:
             continue
         merge = cfg.vision.spatial_merge_size
         patch_dim = cfg.vision.in_channels * cfg.vision.temporal_patch_size * cfg.vision.patch_size ** 2
-        bucket = max(next_power_of_two(it[0].shape[0], 4 * merge * merge) for it in items if it is not None)
+        bucket = max([next_power_of_two(it[0].shape[0], 4 * merge * merge) for it in items if it is not None]
+                     + [min_patches])
         pixels, plans = [], []
         for it in items:
             grid = it[1] if it is not None else np.array([[1, merge, merge]])  # stand-in, no placeholders

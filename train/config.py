@@ -38,6 +38,8 @@ class DataSection:
     seq_len: int = 256  # L of every row
     batch_size: int = 8  # global rows per optimizer step (all hosts, all microbatches)
     grad_accum: int = 1  # microbatches per step (lax.scan); batch_size % (grad_accum * processes) == 0
+    # fixed encoder input sizes (train.batches.stack_microbatches): {audio_chunks, image_patches, video_patches}
+    media_buckets: Mapping[str, int] = field(default_factory=dict)
     pipeline: Mapping[str, Any] = field(default_factory=dict)  # the other keys, for the pipeline
 
     def pipeline_config(self, split: Optional[str] = None) -> dict:
@@ -70,6 +72,7 @@ class TrainSection:
     tensorboard: bool = True
     plot: bool = True  # loss-curve PNG at the end
     export_on_finish: bool = True  # write WORKDIR/final (an omni_jax checkpoint dir: generate / export)
+    max_loss_tokens: int = 0  # > 0: lm_head only at the loss positions, at most this many per microbatch
     peak_flops: float = 0.0  # per device, for MFU; 0 = measure a matmul at start
 
 
@@ -121,6 +124,10 @@ class TrainConfig:
             if f.name == "data":  # keys the loop does not know go to the pipeline
                 value = dict(value or {})
                 known = {x.name for x in dataclasses.fields(DataSection)} - {"pipeline"}
+                bad = set(value.get("media_buckets") or {}) - {"audio_chunks", "image_patches", "video_patches"}
+                if bad:
+                    raise ValueError(f"{where}: data.media_buckets: unknown keys {sorted(bad)}; expected "
+                                     "audio_chunks, image_patches, video_patches")
                 value = {**{k: v for k, v in value.items() if k in known},
                          "pipeline": {k: v for k, v in value.items() if k not in known}}
             section_cls = type(f.default_factory())
@@ -148,8 +155,8 @@ def _section(section_cls, values: Mapping[str, Any], where: str):
     out = {}
     for key, value in values.items():
         default = names[key].default
-        if key == "pipeline":
-            pass
+        if key in ("pipeline", "media_buckets"):
+            value = dict(value or {})
         elif isinstance(default, tuple) or key in ("overrides", "freeze"):
             value = tuple(value or ())
         elif isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):

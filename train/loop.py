@@ -112,14 +112,27 @@ def _data_iterator(cfg: TrainConfig, processor, micro_rows: int, split: str, num
                              batch_size=micro_rows, seed=seed, num_epochs=num_epochs, split=split, **shard))
 
 
+def _check_loss_tokens(micro: list, cap: int, step: int) -> None:
+    """With train.max_loss_tokens, every microbatch must fit (per process; its rows of the global batch)."""
+    if not cap:
+        return
+    for i, m in enumerate(micro):
+        count = int((np.asarray(m["loss_mask"]) > 0).sum())
+        if count * jax.process_count() > cap:
+            raise ValueError(f"step {step}, microbatch {i}: {count} loss tokens on this process "
+                             f"(x{jax.process_count()} processes) exceed train.max_loss_tokens = {cap}; raise it")
+
+
 # ================================================================================================ eval
 def _eval_loss(cfg, trainer, state, processor, thinker_config, micro_rows, mesh) -> Optional[float]:
     if cfg.eval.num_batches <= 0:
         return None
     it = _data_iterator(cfg, processor, micro_rows, cfg.data.eval_split, num_epochs=None, seed=cfg.train.seed + 1)
     loss_sum = tokens = 0.0
-    for _ in range(cfg.eval.num_batches):
-        batch = to_global(stack_microbatches([next(it)], thinker_config), mesh)
+    for i in range(cfg.eval.num_batches):
+        micro = [next(it)]
+        _check_loss_tokens(micro, cfg.train.max_loss_tokens, -1)
+        batch = to_global(stack_microbatches(micro, thinker_config, cfg.data.media_buckets), mesh)
         out = trainer.eval_loss_sums(state.params, batch)
         loss_sum += float(out["loss_sum"])
         tokens += float(out["tokens"])
@@ -238,7 +251,7 @@ def train(cfg: TrainConfig, workdir: str) -> dict:
     abstract = nn.meta.unbox(jax.eval_shape(lambda: init_thinker(thinker, jax.random.key(0)))["params"])
     labels = module_labels({"thinker": abstract}, cfg.train.freeze)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps, labels)
-    trainer = Trainer(thinker, optimizer, mesh)
+    trainer = Trainer(thinker, optimizer, mesh, max_loss_tokens=cfg.train.max_loss_tokens)
     processor, tokenizer_dir = _processor(cfg, workdir)
     data = _data_iterator(cfg, processor, micro_rows, cfg.data.split)
 
@@ -253,7 +266,9 @@ def train(cfg: TrainConfig, workdir: str) -> dict:
         log.info("resumed from %s at step %d", ckpts.directory, start)
     metrics = MetricsWriter(workdir, tensorboard=cfg.train.tensorboard, resume_step=start)
     schedule = lr_schedule(cfg.optim.learning_rate, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.end_lr_ratio)
-    flops_per_token = train_flops_per_token(config.thinker.text, cfg.data.seq_len)
+    head_everywhere = not cfg.train.max_loss_tokens
+    flops_per_token = train_flops_per_token(config.thinker.text, cfg.data.seq_len, include_head=head_everywhere)
+    head_flops = 6.0 * config.thinker.text.hidden_size * config.thinker.text.vocab_size  # per head position
     peak = cfg.train.peak_flops or (measure_matmul_peak(cfg.model.dtype) if cfg.train.progress else 0.0)
     peak_total = peak * jax.device_count()
     examples = _eval_examples(cfg)
@@ -293,7 +308,8 @@ def train(cfg: TrainConfig, workdir: str) -> dict:
                   "lr": float(schedule(step - 1)), "loss_tokens": int(m["tokens"]), "step_time_s": dt,
                   "tokens_per_s": tokens / dt}
         if peak_total:
-            record["mfu"] = flops_per_token * tokens / dt / peak_total
+            head = 0.0 if head_everywhere else head_flops * min(cfg.train.max_loss_tokens * k, tokens)
+            record["mfu"] = (flops_per_token * tokens + head) / dt / peak_total
         if not bool(m["finite"]):
             record["skipped_nonfinite"] = True
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -315,7 +331,8 @@ def train(cfg: TrainConfig, workdir: str) -> dict:
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             micro = [next(data) for _ in range(k)]
-            batch = to_global(stack_microbatches(micro, config.thinker), mesh)
+            _check_loss_tokens(micro, cfg.train.max_loss_tokens, step)
+            batch = to_global(stack_microbatches(micro, config.thinker, cfg.data.media_buckets), mesh)
             state, step_metrics = trainer.step(state, batch)
             if pending is not None:
                 finish(pending)

@@ -15,18 +15,19 @@ from typing import Any, Mapping, Optional
 import jax
 
 
-def train_flops_per_token(text_config, seq_len: int) -> float:
+def train_flops_per_token(text_config, seq_len: int, include_head: bool = True) -> float:
     """Forward + backward FLOPs per token of the thinker LM (6 * matmul params + attention), PaLM-style.
 
-    Embedding lookups are not matmuls and are excluded; the lm_head is included. Attention: 12 * layers *
-    heads * head_dim * seq_len (scores and weighted sum, forward and backward, full (non-causal) count).
+    Embedding lookups are not matmuls and are excluded; the lm_head (6 * hidden * vocab) is included unless
+    include_head=False (when it runs only at the loss positions, count it per loss token instead). Attention:
+    12 * layers * heads * head_dim * seq_len (scores and weighted sum, forward and backward, full count).
     """
     c = text_config
     d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
     q = c.num_attention_heads * c.head_dim
     kv = c.num_key_value_heads * c.head_dim
     per_layer = d * q + 2 * d * kv + q * d + 3 * d * f
-    matmul_params = c.num_hidden_layers * per_layer + d * v
+    matmul_params = c.num_hidden_layers * per_layer + (d * v if include_head else 0)
     return 6.0 * matmul_params + 12.0 * c.num_hidden_layers * q * seq_len
 
 

@@ -76,8 +76,32 @@ def token_losses(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) ->
     return (log_z - target_logit) * loss_mask.astype(jnp.float32)
 
 
-def thinker_loss_sum(thinker: Thinker, params: Mapping[str, Any], micro: Mapping[str, Any]) -> tuple:
-    """(sum of masked token losses, number of loss tokens) of one microbatch ([B, L] leaves)."""
+def _loss_at_positions(module, micro, max_loss_tokens: int):
+    """Inside Thinker.apply: decoder hidden states, the lm_head only at (up to max_loss_tokens) loss positions.
+
+    Most positions of an SFT batch carry no loss (prompts, media); skipping their [D, V] head matmul and
+    vocab-wide softmax is the bulk of the step for a small model with Qwen's 152k vocabulary. The host checks
+    that no microbatch has more loss tokens than max_loss_tokens (train.loop), so nothing is dropped."""
+    embeds = module.embed_multimodal(micro["input_ids"], micro.get("audio"), micro.get("image"), micro.get("video"))
+    hidden, _ = module.decoder(embeds, micro["positions"], micro["segment_ids"], None)  # [B, L, D]
+    dim = hidden.shape[-1]
+    mask = micro["loss_mask"].astype(jnp.float32).reshape(-1)  # [B*L]
+    targets = micro["targets"].reshape(-1)
+    index = jnp.nonzero(mask > 0, size=max_loss_tokens, fill_value=0)[0]  # [M] first M loss positions
+    valid = jnp.arange(max_loss_tokens) < jnp.sum(mask > 0)
+    selected = jnp.take(hidden.reshape(-1, dim), index, axis=0)[None]  # [1, M, D]
+    logits = module.lm_head(selected)  # [1, M, V]
+    losses = token_losses(logits, targets[index][None], jnp.where(valid, mask[index], 0.0)[None])
+    return losses.sum(), mask.sum()
+
+
+def thinker_loss_sum(thinker: Thinker, params: Mapping[str, Any], micro: Mapping[str, Any],
+                     max_loss_tokens: int = 0) -> tuple:
+    """(sum of masked token losses, number of loss tokens) of one microbatch ([B, L] leaves).
+
+    max_loss_tokens > 0: the lm_head runs only at the loss positions (see `_loss_at_positions`)."""
+    if max_loss_tokens:
+        return thinker.apply({"params": params["thinker"]}, micro, max_loss_tokens, method=_loss_at_positions)
     out = thinker.apply({"params": params["thinker"]}, micro["input_ids"], micro["positions"], micro["segment_ids"],
                         audio=micro.get("audio"), image=micro.get("image"), video=micro.get("video"))
     losses = token_losses(out.logits, micro["targets"], micro["loss_mask"])
@@ -93,8 +117,9 @@ class Trainer:
     """Jitted train and eval steps of the thinker on a mesh (params sharded by their logical axes)."""
 
     def __init__(self, thinker: Thinker, optimizer: optax.GradientTransformation, mesh: Mesh,
-                 extra_params: Optional[Mapping[str, Any]] = None):
+                 max_loss_tokens: int = 0):
         self.thinker = thinker
+        self.max_loss_tokens = int(max_loss_tokens)  # per microbatch; 0 = lm_head on every position
         self.optimizer = optimizer
         self.mesh = mesh
         boxed = jax.eval_shape(lambda: init_thinker(thinker, jax.random.key(0)))["params"]
@@ -136,7 +161,8 @@ class Trainer:
     # ------------------------------------------------------------------ step
     def _grads(self, params, batch):
         """Summed gradients, loss sum and token count over the k stacked microbatches ([k, ...] leaves)."""
-        grad_fn = jax.value_and_grad(lambda p, m: thinker_loss_sum(self.thinker, p, m), has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p, m: thinker_loss_sum(self.thinker, p, m, self.max_loss_tokens),
+                                     has_aux=True)
         k = batch["input_ids"].shape[0]
         if k == 1:
             (loss_sum, tokens), grads = grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], batch))
@@ -195,7 +221,7 @@ class Trainer:
 
     def _loss_only(self, params, batch):
         def one(carry, micro):
-            loss_sum, tokens = thinker_loss_sum(self.thinker, params, micro)
+            loss_sum, tokens = thinker_loss_sum(self.thinker, params, micro, self.max_loss_tokens)
             return (carry[0] + loss_sum, carry[1] + tokens), None
 
         (loss_sum, tokens), _ = jax.lax.scan(one, (jnp.float32(0), jnp.float32(0)), batch)
