@@ -194,7 +194,7 @@ class Trainer:
                                rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]),
                                nonfinite_streak=streak.astype(jnp.int32),
                                nonfinite_total=(state.nonfinite_total + (~finite)).astype(jnp.int32))
-        metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads), "finite": finite,
+        metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads), "finite": finite,
                    "nonfinite_streak": new_state.nonfinite_streak}
         return new_state, metrics
 

@@ -47,12 +47,15 @@ def _collate(rows: list) -> dict:
 
 
 def make_train_iterator(*, seq_len: int, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
-                        num_rows: int = 4096, split: str = "train"):
+                        num_rows: int = 4096, split: str = "train", nan_from_batch: int = -1):
     """A grain DatasetIterator (get_state / set_state) over this host's rows, repeated forever.
 
     The global order is one shuffled sequence of rows; host h takes rows h, h + shard_count, ... of it, so
     batch b of host h holds global rows that a single process with batch_size * shard_count would see in its
     batch b, in host-major order.
+
+    nan_from_batch >= 0 puts NaN in the loss mask of every batch from that one on (tests of the loop's
+    non-finite handling).
     """
     import grain
 
@@ -63,4 +66,8 @@ def make_train_iterator(*, seq_len: int, batch_size: int, seed: int, shard_index
         lambda i: (i // batch_size) * global_batch + shard_index * batch_size + i % batch_size)
     rows = grain.MapDataset.range(num_rows).shuffle(seed=seed).repeat(None)
     ds = ds.map(lambda i: make_row(int(rows[int(i)]) + offset, seed, seq_len))
-    return iter(ds.batch(batch_size, batch_fn=_collate).to_iter_dataset())
+    ds = ds.batch(batch_size, batch_fn=_collate)
+    if nan_from_batch >= 0:
+        ds = ds.map_with_index(lambda i, b: b if i < nan_from_batch else dict(
+            b, loss_mask=np.where(b["loss_mask"] > 0, np.nan, 0).astype(np.float32)))
+    return iter(ds.to_iter_dataset())

@@ -1,0 +1,254 @@
+"""Train step and loop: sharded == single device, accumulation == big batch, packed == unpacked, freezing,
+NaN skipping, SIGKILL + resume bit-exact, two processes == one, restore onto another mesh.
+
+Data: the text-only `synthetic_count` source (train/synthetic_data.py, packed rows in the pipeline's batch
+format) so the tests stay fast; the multimodal path runs in the demo (configs/train/toy.yaml).
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from omni_jax.config import OmniConfig, RuntimeOptions
+from omni_jax.models.thinker import Thinker, init_thinker
+from omni_jax.sharding import make_mesh
+from train import synthetic_data
+from train.batches import split_microbatches, stack_microbatches, to_global
+from train.config import OptimSection, TrainConfig
+from train.step import Trainer, make_optimizer, module_labels, thinker_loss_sum
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs/train/synthetic_count.yaml")
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = OmniConfig.from_yaml(os.path.join(REPO, "configs/models/tiny.yaml"))
+    thinker = Thinker(cfg.thinker, RuntimeOptions())
+    params = {"thinker": nn.meta.unbox(jax.jit(lambda r: init_thinker(thinker, r))(jax.random.key(0)))["params"]}
+    params = jax.device_get(params)
+    return cfg, thinker, params
+
+
+def _batch(rows=8, seq_len=64, seed=0):
+    return next(synthetic_data.make_train_iterator(seq_len=seq_len, batch_size=rows, seed=seed))
+
+
+def _trainer(thinker, params, mesh_shape, freeze=(), steps=10, max_loss_tokens=0):
+    n = int(np.prod(list(mesh_shape.values())))
+    mesh = make_mesh(mesh_shape, devices=jax.devices()[:n])
+    optimizer = make_optimizer(OptimSection(learning_rate=1e-2, warmup_steps=0), steps, module_labels(params, freeze))
+    return Trainer(thinker, optimizer, mesh, max_loss_tokens=max_loss_tokens)
+
+
+def _max_diff(a, b):
+    return max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(
+        np.asarray(x, np.float64) - np.asarray(y, np.float64)))), a, b)))
+
+
+def _run(trainer, params, batches, cfg, k=1):
+    state = trainer.init_state(params)
+    losses = []
+    for b in batches:
+        state, m = trainer.step(state, to_global(stack_microbatches(split_microbatches(b, k), cfg.thinker),
+                                                 trainer.mesh))
+        losses.append(float(m["loss"]))
+    return jax.device_get(state.params), losses, state
+
+
+def test_sharded_and_accumulated_steps_equal_single_device(model):
+    """Two steps (AdamW moments in play) on 8 devices in several mesh shapes, and with 4 accumulated
+    microbatches, against one device with one batch. f32 compute with `highest` matmul precision; sharded
+    matmuls and the 4-way accumulation sum in another order (~1e-7 relative per op), and Adam's first steps
+    divide by sqrt(v) ~ |g|, which makes an update ~lr * sign(g): params agree to ~1e-6 absolute at lr 1e-2."""
+    cfg, thinker, params = model
+    batches = [_batch(seed=0), _batch(seed=1)]
+    ref, ref_losses, _ = _run(_trainer(thinker, params, {"fsdp": 1}), params, batches, cfg)
+    assert ref_losses[1] < ref_losses[0]
+    for mesh_shape, k in (({"fsdp": 2, "tensor": 4}, 1), ({"data": 2, "fsdp": 2, "tensor": 2}, 1),
+                          ({"fsdp": 1}, 4)):
+        got, losses, _ = _run(_trainer(thinker, params, mesh_shape), params, batches, cfg, k=k)
+        np.testing.assert_allclose(losses, ref_losses, rtol=2e-6, err_msg=f"{mesh_shape} k={k}")
+        assert _max_diff(got, ref) < 2e-5, (mesh_shape, k, _max_diff(got, ref))
+
+
+def test_loss_at_positions_and_packing(model):
+    """(a) A packed row gives the same loss sum as its samples each in their own row; (b) the lm_head at the
+    loss positions only (max_loss_tokens) gives the loss of the full-logits path."""
+    cfg, thinker, params = model
+    row = synthetic_data.make_row(3, seed=0, seq_len=64)
+    seg = row["segment_ids"]
+    n_seg = int(seg.max())
+    assert n_seg >= 3
+    rows = []
+    for s in range(1, n_seg + 1):
+        at = np.nonzero(seg == s)[0]
+        one = {k: np.zeros_like(v) for k, v in row.items()}
+        one["input_ids"][:] = synthetic_data.PAD_ID
+        n = len(at)
+        for key in ("input_ids", "targets", "loss_mask"):
+            one[key][:n] = row[key][at]
+        one["segment_ids"][:n] = 1
+        one["positions"][:, :n] = row["positions"][:, at]
+        rows.append(one)
+    unpacked = {k: np.stack([r[k] for r in rows], axis=-2 if k == "positions" else 0) for k in rows[0]}
+    packed = {k: v[None] if k != "positions" else v[:, None] for k, v in row.items()}
+
+    loss = jax.jit(lambda p, m, cap: thinker_loss_sum(thinker, p, m, cap), static_argnums=2)
+    packed_sum, packed_n = loss(params, packed, 0)
+    unpacked_sum, unpacked_n = loss(params, unpacked, 0)
+    assert float(packed_n) == float(unpacked_n) > 0
+    # same math, different row layout: f32 sums over the vocab per token, ~1e-7 relative
+    np.testing.assert_allclose(float(packed_sum), float(unpacked_sum), rtol=1e-6)
+    cap_sum, cap_n = loss(params, packed, 64)
+    assert float(cap_n) == float(packed_n)
+    np.testing.assert_allclose(float(cap_sum), float(packed_sum), rtol=1e-6)
+
+
+def test_freezing_and_nonfinite_skip(model):
+    """Frozen modules stay bit-identical (no update, no weight decay); a NaN loss skips the whole update."""
+    cfg, thinker, params = model
+    trainer = _trainer(thinker, params, {"fsdp": 2}, freeze=("audio_encoder", "vision_encoder"))
+    state = trainer.init_state(params)
+    good = _batch()
+    bad = dict(good, loss_mask=np.where(good["loss_mask"] > 0, np.nan, 0).astype(np.float32))
+    before = jax.device_get(state.params)
+    state, m = trainer.step(state, to_global(stack_microbatches([bad], cfg.thinker), trainer.mesh))
+    assert not bool(m["finite"]) and int(state.nonfinite_streak) == 1 and int(state.nonfinite_total) == 1
+    after_bad = jax.device_get(state.params)
+    assert _max_diff(after_bad, before) == 0.0  # nothing moved
+    state, m = trainer.step(state, to_global(stack_microbatches([good], cfg.thinker), trainer.mesh))
+    assert bool(m["finite"]) and int(state.nonfinite_streak) == 0 and int(state.nonfinite_total) == 1
+    after = jax.device_get(state.params)["thinker"]
+    for frozen in ("audio_tower", "visual"):
+        assert _max_diff(after[frozen], before["thinker"][frozen]) == 0.0, frozen
+    assert _max_diff(after["decoder"], before["thinker"]["decoder"]) > 0
+    # freezing the LM instead: the LM is bit-identical, and the encoders move (weight decay)
+    trainer = _trainer(thinker, params, {"fsdp": 1}, freeze=("thinker_lm",))
+    p, _, _ = _run(trainer, params, [good], cfg)
+    for name in ("embed_tokens", "decoder", "lm_head"):
+        assert _max_diff(p["thinker"][name], params["thinker"][name]) == 0.0, name
+    assert _max_diff(p["thinker"]["audio_tower"], params["thinker"]["audio_tower"]) > 0
+
+
+# ================================================================================================ loop
+_LOOP_ARGS = ["train.steps=8", "train.checkpoint_every=3", "train.eval_every=0", "eval.num_batches=0",
+              "train.progress=false", "train.tensorboard=false", "train.plot=false",
+              "train.export_on_finish=false", "data.batch_size=4", "data.seq_len=32"]
+
+
+def _env(devices: int, **extra) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = REPO
+    env.pop("JAX_COORDINATOR_ADDRESS", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _train_cmd(workdir, *extra):
+    return [sys.executable, "-m", "train.cli", "--config", CONFIG, "--workdir", str(workdir), *_LOOP_ARGS, *extra]
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+
+
+def _final_params(workdir, step=8):
+    from train.checkpointing import Checkpoints
+
+    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), 1, 10)
+    try:
+        restored = ckpts.manager.restore(step)
+    finally:
+        ckpts.close()
+    return jax.device_get(restored["state"]["params"])
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_kill_resume_is_bit_exact_and_two_processes_match(tmp_path, model):
+    """`python -m train.cli` runs: (A) uninterrupted on 2 devices; (B) the same, SIGKILLed right after its
+    first checkpoint and started again (resumes, same data order); (C) two processes of one device each
+    (jax.distributed, gloo CPU collectives), each feeding half of every batch. B ends bit-identical to A
+    (params and loss curve); C matches A up to cross-process reduction order."""
+    base = ["mesh.fsdp=2"]
+    a = subprocess.Popen(_train_cmd(tmp_path / "a", *base), env=_env(2), cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port = _free_port()
+    c = [subprocess.Popen(_train_cmd(tmp_path / "c", *base), cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True,
+                          env=_env(1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2,
+                                   JAX_PROCESS_ID=i, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"))
+         for i in range(2)]
+    # B: kill as soon as checkpoint 3 is committed (Orbax renames the finished directory into place)
+    b = subprocess.Popen(_train_cmd(tmp_path / "b", *base), env=_env(2), cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = tmp_path / "b" / "checkpoints" / "3"
+    deadline = time.time() + 600
+    while not ckpt.exists() and b.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    b.send_signal(signal.SIGKILL)
+    b.wait()
+    killed_at = sorted(int(p) for p in os.listdir(tmp_path / "b" / "checkpoints") if p.isdigit())
+    assert killed_at and killed_at[-1] < 8, f"run B was not killed mid-way (checkpoints {killed_at})"
+    resumed = subprocess.run(_train_cmd(tmp_path / "b", *base), env=_env(2), cwd=REPO, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout[resumed.stdout.index("{"):])["resumed_from"] == killed_at[-1]
+    for p in [a] + c:
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, out[-4000:]
+
+    losses_a = _losses(tmp_path / "a")
+    assert [s for s, _ in losses_a] == list(range(1, 9))
+    assert _losses(tmp_path / "b") == losses_a  # bit-exact loss curve, data order included
+    params_a = _final_params(tmp_path / "a")
+    assert _max_diff(_final_params(tmp_path / "b"), params_a) == 0.0
+    # two processes: same global batches; cross-process all-reduces sum in another order (~1e-7 relative)
+    losses_c = _losses(tmp_path / "c")
+    np.testing.assert_allclose([v for _, v in losses_c], [v for _, v in losses_a], rtol=1e-5)
+    assert _max_diff(_final_params(tmp_path / "c"), params_a) < 1e-4
+
+    # restore A's last checkpoint onto another mesh shape (tensor-parallel on 8 devices): same values
+    from train.checkpointing import Checkpoints
+
+    cfg, thinker, params = model
+    trainer = _trainer(thinker, params, {"fsdp": 2, "tensor": 4}, steps=8)
+    ckpts = Checkpoints(os.path.join(tmp_path / "a", "checkpoints"), 1, 10)
+    try:
+        state = ckpts.restore_state(8, trainer.abstract_state)
+    finally:
+        ckpts.close()
+    specs = {str(x.sharding.spec) for x in jax.tree_util.tree_leaves(state.params)}
+    assert any("tensor" in s for s in specs)
+    assert _max_diff(jax.device_get(state.params), params_a) == 0.0
+    assert int(state.step) == 8
+
+
+def test_nonfinite_run_stops_with_checkpoints_intact(tmp_path):
+    """K consecutive NaN steps stop the loop with a clear error; the checkpoints before them stay usable."""
+    from train.loop import TrainingDiverged, train
+
+    cfg = TrainConfig.from_yaml(CONFIG, _LOOP_ARGS + ["mesh.fsdp=1", "train.max_nonfinite=2",
+                                                      "data.nan_from_batch=4"])
+    with pytest.raises(TrainingDiverged, match="2 consecutive steps"):
+        train(cfg, str(tmp_path))
+    assert sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == [3]
+    losses = _losses(tmp_path)
+    assert all(np.isfinite(v) for s, v in losses if s <= 4) and not np.isfinite(losses[-1][1])
