@@ -31,18 +31,67 @@ def _cmd_init(args) -> int:
     return 0
 
 
+class _WavStream:
+    """A 24 kHz mono float wav written chunk by chunk; flushed after every chunk so the file on disk is a valid
+    wav (header included) while generation is still running."""
+
+    def __init__(self, path: str, sample_rate: int):
+        import soundfile
+
+        self.file = soundfile.SoundFile(path, "w", samplerate=sample_rate, channels=1, subtype="FLOAT")
+        self.frames = 0
+
+    def write(self, chunk) -> None:
+        self.file.write(chunk)
+        self.file.flush()
+        self.frames += len(chunk)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _speech_error(path: str, model=None) -> str | None:
+    """Why --audio-out cannot work with this model (None if it can)."""
+    if model is None:
+        from omni_jax.config import OmniConfig
+
+        config = OmniConfig.from_pretrained(path)
+        if config.talker is None or config.token2wav is None or not config.enable_audio_output:
+            return f"{path} has no talker/token2wav (a thinker-only model); --audio-out needs speech output"
+        return None
+    if model.speech is None:
+        return (f"{path} has no talker/token2wav weights (converted with --thinker-only?); --audio-out needs "
+                f"speech output")
+    return None
+
+
 def _cmd_generate(args) -> int:
     from omni_jax.api import OmniModel
     from omni_jax.processing.processor import Processor
     from omni_jax.processing.tokenizer import StreamDecoder
+    from omni_jax.speech import SAMPLE_RATE
 
-    if args.audio_out:
-        print("error: --audio-out needs the talker and token2wav, not in this build yet", file=sys.stderr)
+    if args.stream_audio and not args.audio_out:
+        print("error: --stream-audio needs --audio-out FILE.wav", file=sys.stderr)
+        return 2
+    if args.audio_out and (problem := _speech_error(args.model)):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     model = OmniModel.from_pretrained(args.model, dtype=args.dtype)
     if model.tokenizer is None:
         print(f"error: {args.model} has no tokenizer files (tokenizer.json or vocab.json)", file=sys.stderr)
         return 2
+    if args.audio_out:
+        if problem := _speech_error(args.model, model):
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        from omni_jax.voices import resolve_voice
+
+        try:
+            resolve_voice(model.speech.speakers, args.speaker)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     processor = Processor.from_pretrained(args.model)
     content = []
     for kind in ("image", "audio", "video"):
@@ -64,9 +113,28 @@ def _cmd_generate(args) -> int:
         printed[0] = tokens.shape[1]
         sys.stdout.flush()
 
-    model.generate(batch, max_new_tokens=args.max_new_tokens, chunk_steps=args.stream_every, on_tokens=on_tokens,
-                   use_audio_in_video=args.use_audio_in_video)
+    speech = dict(return_audio=bool(args.audio_out), speaker=args.speaker, seed=args.seed)
+    wav = _WavStream(args.audio_out, SAMPLE_RATE) if args.stream_audio else None
+    try:
+        out = model.generate(batch, max_new_tokens=args.max_new_tokens, chunk_steps=args.stream_every,
+                             on_tokens=on_tokens, use_audio_in_video=args.use_audio_in_video,
+                             talker={"max_new_tokens": args.max_audio_tokens}, **speech,
+                             on_audio=(lambda row, chunk: wav.write(chunk)) if wav else None)
+    except ValueError as e:  # e.g. a reply too short to speak
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if wav is not None:
+            wav.close()
     sys.stdout.write(stream.finish() + "\n")
+    if args.audio_out:
+        if wav is None:
+            import soundfile
+
+            soundfile.write(args.audio_out, out.audio[0], SAMPLE_RATE, subtype="FLOAT")
+        seconds = len(out.audio[0]) / SAMPLE_RATE
+        print(f"wrote {seconds:.2f} s of speech ({len(out.codec_tokens[0])} codec tokens) to {args.audio_out}",
+              file=sys.stderr)
     return 0
 
 
@@ -117,8 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio")
     p.add_argument("--video")
     p.add_argument("--use-audio-in-video", action="store_true", help="also feed the video's audio track")
-    p.add_argument("--speaker", default="Chelsie")
-    p.add_argument("--audio-out")
+    p.add_argument("--speaker", default="Chelsie", help="voice for --audio-out")
+    p.add_argument("--audio-out", help="also speak the reply: write a 24 kHz wav here")
+    p.add_argument("--stream-audio", action="store_true",
+                   help="write --audio-out chunk by chunk as speech is synthesised (a valid wav at every moment)")
+    p.add_argument("--max-audio-tokens", type=int, default=4096, help="talker codec tokens at most (50 per s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (talker, flow-matching noise)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stream-every", type=int, default=8, help="decode steps per host round trip")
     p.add_argument("--dtype", default="float32")

@@ -127,6 +127,21 @@ def talker_suppressed_tokens(cfg, num_dit_codes: int, eos_ids: Sequence[int]) ->
     return tuple(sorted({cfg.tts_codec_start_token_id, *invalid}))
 
 
+@partial(jax.jit, static_argnames=("num_frames", "mel_dim", "block_size"))
+def position_noise(key: jax.Array, start, *, num_frames: int, mel_dim: int, block_size: int) -> jax.Array:
+    """Flow-matching start noise for mel frames [start, start + num_frames): [num_frames, mel_dim] float32.
+
+    Each DiT block b (frames [b·bs, (b+1)·bs)) draws N(0, 1) from fold_in(key, b), so a frame's noise depends on
+    its position only, not on the utterance length or on how it is chunked: streamed and whole-utterance
+    synthesis start from the same state (`streaming.py`)."""
+    first = start // block_size
+    num_blocks = num_frames // block_size + 2  # enough blocks for any start offset
+    blocks = first + jnp.arange(num_blocks)
+    noise = jax.vmap(lambda b: jax.random.normal(jax.random.fold_in(key, b), (block_size, mel_dim)))(blocks)
+    noise = noise.reshape(num_blocks * block_size, mel_dim)
+    return jax.lax.dynamic_slice_in_dim(noise, start - first * block_size, num_frames, axis=0)
+
+
 def codes_before_end(tokens: np.ndarray, end_ids: Sequence[int]) -> list[np.ndarray]:
     """Per row, the codec tokens before the first end token (8292 pad or 8294 eos in the release)."""
     out = []
@@ -134,6 +149,15 @@ def codes_before_end(tokens: np.ndarray, end_ids: Sequence[int]) -> list[np.ndar
         ends = np.nonzero(np.isin(row, list(end_ids)))[0]
         out.append(row[: ends[0]] if len(ends) else row)
     return out
+
+
+def check_codes(codes: np.ndarray, num_embeds: int, what: str = "codec ids") -> None:
+    """Codes the DiT can embed are [0, num_embeds); anything else (e.g. a talker end token) is an error."""
+    codes = np.asarray(codes)
+    bad = np.nonzero((codes < 0) | (codes >= num_embeds))[0]
+    if len(bad):
+        raise ValueError(f"{what} must be in [0, {num_embeds}) (cut the talker output at its end token); "
+                         f"got {int(codes[bad[0]])} at position {int(bad[0])}")
 
 
 class SpeechModel:
@@ -183,19 +207,22 @@ class SpeechModel:
     # ------------------------------------------------------------------ token2wav
     def mel(self, codes: np.ndarray, voice: Voice, noise: Optional[np.ndarray] = None, seed: int = 0,
             num_steps: int = 10, guidance_scale: float = 0.5, sway_coefficient: float = -1.0) -> np.ndarray:
-        """Codec ids [n] -> log-mel [mel, 2n] by flow matching from `noise` [2n, mel] (drawn from `seed` if None)."""
-        from omni_jax.models.flow_matching import make_noise, sample_mel
+        """Codec ids [n] -> log-mel [mel, 2n] by flow matching from `noise` [2n, mel] (if None: `position_noise`
+        from `seed`, the noise streaming uses too)."""
+        from omni_jax.models.flow_matching import sample_mel
 
         dit_cfg = self.config.token2wav.dit
         codes = np.asarray(codes, np.int32).reshape(1, -1)
         n = codes.shape[1]
         if n == 0:
             raise ValueError("token2wav needs at least one codec token")
-        if codes.min() < 0 or codes.max() >= dit_cfg.num_embeds:
-            raise ValueError(f"codec ids must be in [0, {dit_cfg.num_embeds}); got range [{codes.min()}, {codes.max()}]")
+        check_codes(codes[0], dit_cfg.num_embeds)
         frames = dit_cfg.repeats * n
         if noise is None:
-            noise = make_noise(jax.random.key(seed), 1, n, dit_cfg)
+            noise = position_noise(jax.random.key(seed), 0, num_frames=frames, mel_dim=dit_cfg.mel_dim,
+                                   block_size=dit_cfg.block_size)
+        if np.shape(noise) not in ((frames, dit_cfg.mel_dim), (1, frames, dit_cfg.mel_dim)):
+            raise ValueError(f"noise must be [{frames}, {dit_cfg.mel_dim}] for {n} codec tokens, got {np.shape(noise)}")
         noise = jnp.asarray(noise, jnp.float32).reshape(1, frames, dit_cfg.mel_dim)
         key = (num_steps, guidance_scale, sway_coefficient)
         if key not in self._mel_fns:

@@ -113,6 +113,57 @@ def block_attention_mask(length: int, block_size: int, look_ahead, look_back) ->
     return (diff >= -jnp.asarray(look_back, jnp.int32)) & (diff <= jnp.asarray(look_ahead, jnp.int32))
 
 
+def block_local_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: jax.Array, key_valid: jax.Array, *,
+                          block_size: int, max_back: int, max_ahead: int, scale: float) -> jax.Array:
+    """The DiT's block-masked attention computed block by block: q, k, v [B, T, H, d] -> [B, T, H, d].
+
+    Query i attends key j iff −window[1] ≤ ⌊j/bs⌋ − ⌊i/bs⌋ ≤ window[0] (`block_attention_mask`) and key_valid[b, j]
+    ([B, T] bool: padding / frame mask). window may be traced but must lie within (max_ahead, max_back), the
+    static neighbourhood: each query block multiplies only its max_back + 1 + max_ahead neighbour blocks
+    (W = 72 keys in the release) instead of all T keys and a [T, T] mask, the same softmax over the same
+    allowed keys (masked keys get exactly zero weight in both). Queries with no allowed key (a padded block)
+    give 0. Softmax in float32.
+    """
+    batch, length, heads, head_dim = q.shape
+    bs = block_size
+    blocks = -(-length // bs)
+    pad = blocks * bs - length
+    if pad:
+        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+        key_valid = jnp.pad(key_valid, ((0, 0), (0, pad)))
+    qb = q.reshape(batch, blocks, bs, heads, head_dim)
+
+    offsets = range(-max_back, max_ahead + 1)
+
+    def neighbours(a):
+        """a [B, n, bs, ...] -> [B, n, len(offsets)·bs, ...]: block i sees blocks i + o (zeros outside)."""
+        parts = []
+        for o in offsets:
+            if o == 0:
+                parts.append(a)
+                continue
+            fill = jnp.zeros_like(a[:, :min(abs(o), blocks)])
+            shifted = (jnp.concatenate([a[:, o:], fill], axis=1) if o > 0 else
+                       jnp.concatenate([fill, a[:, :o]], axis=1))
+            parts.append(shifted[:, :blocks])
+        return jnp.concatenate(parts, axis=2)
+
+    keys = neighbours(k.reshape(batch, blocks, bs, heads, head_dim))  # [B, n, W, H, d]
+    values = neighbours(v.reshape(batch, blocks, bs, heads, head_dim))
+    valid = neighbours(key_valid.reshape(batch, blocks, bs))  # [B, n, W]
+    key_offset = jnp.asarray(np.repeat(np.array(list(offsets), np.int32), bs))  # [W] block offset of each key
+    window = jnp.asarray(window, jnp.int32)
+    in_window = (key_offset >= -window[1]) & (key_offset <= window[0])  # [W]
+    allowed = (valid & in_window[None, None, :])[:, :, None, None, :]  # [B, n, 1, 1, W]
+
+    logits = jnp.einsum("bnqhd,bnkhd->bnhqk", qb, keys, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)  # [B, n, H, bs, W]
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(allowed, probs, 0.0)
+    out = jnp.einsum("bnhqk,bnkhd->bnqhd", probs.astype(v.dtype), values, preferred_element_type=jnp.float32)
+    return out.reshape(batch, blocks * bs, heads, head_dim)[:, :length].astype(q.dtype)
+
+
 def layer_windows(config: DiTConfig) -> np.ndarray:
     """[L, 2] int32 (look_ahead, look_back) blocks per layer, as HF (1 if the layer is listed, else 0)."""
     return np.array([[int(i in config.look_ahead_layers), int(i in config.look_backward_layers)]
@@ -286,7 +337,10 @@ class DiT(nn.Module):
     options: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
-    def __call__(self, x, codes, cond, ref_mel, t, drop_condition=False, apply_cfg: bool = False) -> jax.Array:
+    def __call__(self, x, codes, cond, ref_mel, t, drop_condition=False, apply_cfg: bool = False,
+                 frame_mask=None) -> jax.Array:
+        """frame_mask [B, T] (optional; 1 = real frame): padded frames are not attended (streaming.py pads
+        chunks into one shape)."""
         cfg = self.config
         dtype, param_dtype = jnp.dtype(self.options.dtype), jnp.dtype(self.options.param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype)
@@ -295,8 +349,10 @@ class DiT(nn.Module):
 
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
         drop = jnp.broadcast_to(jnp.asarray(drop_condition, jnp.bool_), (batch,))
+        frame_mask = jnp.ones((batch, length), jnp.int32) if frame_mask is None else frame_mask.astype(jnp.int32)
         if apply_cfg:  # [conditional rows; unconditional rows], as HF's apply_cfg
-            x, codes, cond, ref_mel, t = (jnp.concatenate([a, a], axis=0) for a in (x, codes, cond, ref_mel, t))
+            x, codes, cond, ref_mel, t, frame_mask = (jnp.concatenate([a, a], axis=0)
+                                                      for a in (x, codes, cond, ref_mel, t, frame_mask))
             drop = jnp.concatenate([drop, jnp.ones((batch,), jnp.bool_)])
             batch = 2 * batch
         cond = jnp.where(drop[:, None], 0.0, cond.astype(jnp.float32))
@@ -310,7 +366,7 @@ class DiT(nn.Module):
         h = constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
         cos, sin = rope_angles(length, cfg.head_dim, cfg.rope_theta)
-        base_mask = bidirectional_mask(jnp.ones((batch, length), jnp.int32))
+        base_mask = bidirectional_mask(frame_mask)
         block_cls = DiTBlock
         policy_name = REMAT_POLICIES[self.options.remat_policy]
         if policy_name is not None:
