@@ -187,6 +187,9 @@ class Engine:
             batch_buckets = sorted({min(2 ** i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
         self.batch_buckets = tuple(sorted(batch_buckets))
         self._streams_audio = "on_audio" in inspect.signature(model.generate).parameters
+        # On a mesh the batch is split over the data-parallel axes: every batch is padded to a multiple of them.
+        mesh = getattr(model, "mesh", None)
+        self.row_multiple = 1 if mesh is None else int(np.prod([mesh.shape.get(a, 1) for a in ("data", "fsdp")]))
         eos = eos_token_id if eos_token_id is not None else (
             getattr(model.config.thinker, "eos_token_id", None) or 151645)
         self.eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
@@ -349,6 +352,7 @@ class Engine:
         size = len(rows)
         if not first.return_audio:  # pad to a batch bucket with copies of the last row (outputs dropped)
             size = next((b for b in self.batch_buckets if b >= len(rows)), len(rows))
+        size = -(-size // self.row_multiple) * self.row_multiple
         padded = requests + [requests[-1]] * (size - len(rows))
         batch = merge_batches([p.batch for p in rows] + [rows[-1].batch] * (size - len(rows)),
                               self.processor.pad_token_id)

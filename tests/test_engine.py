@@ -43,9 +43,13 @@ def user(*parts):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    path = build_model_dir(tmp_path_factory.mktemp("omni_tiny"))
-    return OmniModel.from_pretrained(path), Processor.from_pretrained(path)
+def model_dir(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.mktemp("omni_tiny"))
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    return OmniModel.from_pretrained(model_dir), Processor.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +172,19 @@ def test_compiled_shapes_are_bounded(served):
     # A 3-request tail is padded to the batch bucket 4: still no new shape.
     _, _, finished, _ = _collect(engine.serve(requests[:3]))
     assert len(finished) == 3 and model.generate_shapes - before == new
+
+
+def test_sharded_engine_equals_single_device(served, media, model_dir):
+    """Data x tensor parallel serving (4 x 2 on the 8 virtual devices): batches of 3 are padded to a multiple of
+    the data axis; the greedy answers equal the single-device engine's."""
+    model, processor = served
+    sharded = OmniModel.from_pretrained(model_dir, mesh_shape={"data": 4, "tensor": 2})
+    requests = [r for r in _text_requests(media) if r["id"] != "sampled"][:3]
+    results = []
+    for m in (model, sharded):
+        _, _, finished, failed = _collect(Engine(m, processor, max_batch=3, stream=False)
+                                          .serve(requests, base_dir=str(media)))
+        assert not failed, failed
+        results.append({k: v.token_ids for k, v in finished.items()})
+        assert all(f.timings["padded_batch_size"] == (4 if m is sharded else 3) for f in finished.values())
+    assert results[0] == results[1]
