@@ -323,3 +323,45 @@ def test_sampler_without_guidance_matches_hf(hf_dit, ours, monkeypatch):
     got = sample_mel(module.apply, params, codes, cond, ref_mel, noise, num_steps=3, guidance_scale=0.0,
                      sway_coefficient=None)
     assert _max_err(got, want) < TOL
+
+
+# ------------------------------------------------------------------------------------------ block-local attention
+
+
+@pytest.mark.parametrize("length", [24, 50, 97])
+def test_block_local_attention_equals_dense_mask(length):
+    """The block-by-block attention (what the DiT runs on CPU) equals dense attention under the [T, T] block mask
+    and a key mask, for every (look_ahead, look_back) window and partial last blocks."""
+    from omni_jax.models.attention import attention, bidirectional_mask
+
+    rng = np.random.default_rng(length)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, length, 4, 16)), jnp.float32) for _ in range(3))
+    valid = np.ones((2, length), bool)
+    valid[1, length - length // 3:] = False  # row 1: a padded tail (queries there are don't-care)
+    for window in ([0, 0], [1, 0], [0, 1], [1, 1]):
+        allowed = block_attention_mask(length, CFG.block_size, *window)
+        mask = bidirectional_mask(jnp.asarray(valid, jnp.int32)).replace(
+            allowed=jnp.broadcast_to(allowed[None], (2, length, length)))
+        want = np.asarray(attention(q, k, v, mask, scale=0.25))
+        got = np.asarray(dit_lib.block_local_attention(q, k, v, jnp.asarray(window), jnp.asarray(valid),
+                                                       block_size=CFG.block_size, max_back=1, max_ahead=1,
+                                                       scale=0.25))
+        assert got.shape == want.shape
+        assert _max_err(got[valid], want[valid]) < 1e-5, window
+
+
+def test_padded_length_with_frame_mask_equals_unpadded(ours):
+    """Length bucketing: padding the mel to a longer bucket with frame_mask 0 on the pad leaves the real frames'
+    velocity unchanged (padded keys get no weight in any layer)."""
+    _, params, apply = ours
+    x, codes, cond, ref_mel = _inputs(11, 2, 50)
+    t_rows = np.full((2,), 0.4, np.float32)
+    want = np.asarray(apply(params, x, codes, cond, ref_mel, t_rows, np.zeros(2, bool), apply_cfg=True))
+    pad = 72 - 50
+    x_pad = np.concatenate([x, np.random.default_rng(0).standard_normal((2, pad, CFG.mel_dim)).astype(np.float32)], 1)
+    codes_pad = np.concatenate([codes, np.full((2, pad // 2), 5)], 1)
+    frame_mask = np.concatenate([np.ones((2, 50)), np.zeros((2, pad))], 1).astype(np.int32)
+    got = np.asarray(apply(params, x_pad, codes_pad, cond, ref_mel, t_rows, np.zeros(2, bool), apply_cfg=True,
+                           frame_mask=frame_mask))
+    assert got.shape == (4, 72, CFG.mel_dim)
+    assert _max_err(got[:, :50], want) < 1e-5

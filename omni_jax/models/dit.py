@@ -131,37 +131,40 @@ def block_local_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: jax.
     if pad:
         q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
         key_valid = jnp.pad(key_valid, ((0, 0), (0, pad)))
-    qb = q.reshape(batch, blocks, bs, heads, head_dim)
-
+    # Heads before blocks: the batched matmuls below then need no transposes (3-25x faster on XLA:CPU).
+    to_blocks = lambda a: jnp.transpose(a, (0, 2, 1, 3)).reshape(batch, heads, blocks, bs, head_dim)  # noqa: E731
     offsets = range(-max_back, max_ahead + 1)
 
-    def neighbours(a):
-        """a [B, n, bs, ...] -> [B, n, len(offsets)·bs, ...]: block i sees blocks i + o (zeros outside)."""
+    def neighbours(a, axis):
+        """Blocks along `axis` -> their neighbourhood: block i sees blocks i + o (zeros outside), concatenated on
+        the next axis. [.., n, bs, ..] -> [.., n, len(offsets)·bs, ..]"""
         parts = []
         for o in offsets:
             if o == 0:
                 parts.append(a)
                 continue
-            fill = jnp.zeros_like(a[:, :min(abs(o), blocks)])
-            shifted = (jnp.concatenate([a[:, o:], fill], axis=1) if o > 0 else
-                       jnp.concatenate([fill, a[:, :o]], axis=1))
-            parts.append(shifted[:, :blocks])
-        return jnp.concatenate(parts, axis=2)
+            n_fill = min(abs(o), blocks)
+            fill = jnp.zeros(a.shape[:axis] + (n_fill,) + a.shape[axis + 1:], a.dtype)
+            body = jax.lax.slice_in_dim(a, o, blocks, axis=axis) if o > 0 else jax.lax.slice_in_dim(
+                a, 0, max(blocks + o, 0), axis=axis)
+            parts.append(jnp.concatenate([body, fill] if o > 0 else [fill, body], axis=axis))
+        return jnp.concatenate(parts, axis=axis + 1)
 
-    keys = neighbours(k.reshape(batch, blocks, bs, heads, head_dim))  # [B, n, W, H, d]
-    values = neighbours(v.reshape(batch, blocks, bs, heads, head_dim))
-    valid = neighbours(key_valid.reshape(batch, blocks, bs))  # [B, n, W]
+    qb = to_blocks(q)  # [B, H, n, bs, d]
+    keys, values = neighbours(to_blocks(k), 2), neighbours(to_blocks(v), 2)  # [B, H, n, W, d]
+    valid = neighbours(key_valid.reshape(batch, blocks, bs), 1)  # [B, n, W]
     key_offset = jnp.asarray(np.repeat(np.array(list(offsets), np.int32), bs))  # [W] block offset of each key
     window = jnp.asarray(window, jnp.int32)
     in_window = (key_offset >= -window[1]) & (key_offset <= window[0])  # [W]
-    allowed = (valid & in_window[None, None, :])[:, :, None, None, :]  # [B, n, 1, 1, W]
+    allowed = (valid & in_window[None, None, :])[:, None, :, None, :]  # [B, 1, n, 1, W]
 
-    logits = jnp.einsum("bnqhd,bnkhd->bnhqk", qb, keys, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)  # [B, n, H, bs, W]
+    logits = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, keys, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)  # [B, H, n, bs, W]
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(allowed, probs, 0.0)
-    out = jnp.einsum("bnhqk,bnkhd->bnqhd", probs.astype(v.dtype), values, preferred_element_type=jnp.float32)
-    return out.reshape(batch, blocks * bs, heads, head_dim)[:, :length].astype(q.dtype)
+    out = jnp.einsum("bhnqk,bhnkd->bhnqd", probs.astype(v.dtype), values, preferred_element_type=jnp.float32)
+    out = jnp.transpose(out.reshape(batch, heads, blocks * bs, head_dim), (0, 2, 1, 3))  # [B, T', H, d]
+    return out[:, :length].astype(q.dtype)
 
 
 def layer_windows(config: DiTConfig) -> np.ndarray:
@@ -257,17 +260,16 @@ class AdaLayerNormZero(nn.Module):
 
 
 class DiTAttention(nn.Module):
-    hidden_size: int
-    num_heads: int
-    head_dim: int
+    config: DiTConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask) -> jax.Array:
-        """x [B, T, D] -> [B, T, D]."""
-        D, H, d = self.hidden_size, self.num_heads, self.head_dim
+    def __call__(self, x, cos, sin, window, key_valid) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]; window [2] = (look_ahead, look_back) blocks; key_valid [B, T] bool."""
+        cfg = self.config
+        D, H, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def project(name):
@@ -277,7 +279,16 @@ class DiTAttention(nn.Module):
         q, k, v = project("to_q"), project("to_k"), project("to_v")  # [B, T, H, d]
         q, k = apply_rope_head0(q, cos, sin), apply_rope_head0(k, cos, sin)
         q, k, v = (constrain(a, (ACT_BATCH, ACT_LENGTH, "activation_heads", None)) for a in (q, k, v))
-        out = attention(q, k, v, mask, scale=d ** -0.5, backend=self.attention_backend)  # [B, T, H, d]
+        if self.attention_backend == "xla":
+            max_ahead, max_back = (int(w.max(initial=0)) for w in layer_windows(cfg).T)
+            out = block_local_attention(q, k, v, window, key_valid, block_size=cfg.block_size, max_back=max_back,
+                                        max_ahead=max_ahead, scale=d ** -0.5)  # [B, T, H, d]
+        else:  # dense [B, T, T] mask for the fused GPU/TPU kernels
+            batch, length = key_valid.shape
+            allowed = block_attention_mask(length, cfg.block_size, window[0], window[1])  # [T, T]
+            mask = bidirectional_mask(key_valid.astype(jnp.int32)).replace(
+                allowed=jnp.broadcast_to(allowed[None], (batch, length, length)))
+            out = attention(q, k, v, mask, scale=d ** -0.5, backend=self.attention_backend)
         return Einsum("btnh,nhd->btd", (H, d, D), ("heads", "head_dim", "embed"), (D,), ("embed",), name="to_out_0",
                       **kw)(out)
 
@@ -307,20 +318,17 @@ class DiTBlock(nn.Module):
     attention_backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x, window, temb, cos, sin, base_mask):
+    def __call__(self, x, window, temb, cos, sin, key_valid):
         cfg = self.config
         D = cfg.hidden_size
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        batch, length, _ = x.shape
-        allowed = block_attention_mask(length, cfg.block_size, window[0], window[1])  # [T, T]
-        mask = base_mask.replace(allowed=jnp.broadcast_to(allowed[None], (batch, length, length)))
 
         mod = AdaLayerNormZero(D, 6, name="attn_norm", **kw)(temb)  # [B, 6, D] float32
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (mod[:, i, None, :] for i in range(6))
 
         h = _layer_norm(x) * (1 + scale_msa) + shift_msa
-        h = DiTAttention(D, cfg.num_attention_heads, cfg.head_dim, attention_backend=self.attention_backend,
-                         name="attn", **kw)(h.astype(self.dtype), cos, sin, mask)
+        h = DiTAttention(cfg, attention_backend=self.attention_backend, name="attn", **kw)(
+            h.astype(self.dtype), cos, sin, window, key_valid)
         x = x + (gate_msa * h).astype(x.dtype)
         x = constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
@@ -366,7 +374,7 @@ class DiT(nn.Module):
         h = constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
         cos, sin = rope_angles(length, cfg.head_dim, cfg.rope_theta)
-        base_mask = bidirectional_mask(frame_mask)
+        key_valid = frame_mask.astype(jnp.bool_)  # [B, T]
         block_cls = DiTBlock
         policy_name = REMAT_POLICIES[self.options.remat_policy]
         if policy_name is not None:
@@ -379,7 +387,7 @@ class DiT(nn.Module):
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, attention_backend=self.options.attention_backend, name="transformer_blocks", **kw)
-        h, _ = stack(h, jnp.asarray(layer_windows(cfg)), temb, cos, sin, base_mask)
+        h, _ = stack(h, jnp.asarray(layer_windows(cfg)), temb, cos, sin, key_valid)
 
         mod = AdaLayerNormZero(cfg.hidden_size, 2, name="norm_out", **kw)(temb)  # [B, 2, D]: scale, shift
         h = _layer_norm(h) * (1 + mod[:, 0, None, :]) + mod[:, 1, None, :]
