@@ -22,6 +22,7 @@ from omni_jax.sampling import SamplingParams, seen_mask
 from omni_jax.voices import Voice, resolve_voice  # noqa: F401 (re-exported)
 
 SAMPLE_RATE = 24000
+MEL_BUCKET = 96  # SpeechModel.mel pads the mel length to a multiple of this (4 DiT blocks; a multiple of repeats)
 
 # Talker sampling defaults of the release (HF `generate`).
 TALKER_DEFAULTS = dict(temperature=0.9, top_k=40, top_p=0.8, repetition_penalty=1.05, max_new_tokens=4096)
@@ -151,6 +152,14 @@ def codes_before_end(tokens: np.ndarray, end_ids: Sequence[int]) -> list[np.ndar
     return out
 
 
+@partial(jax.jit, static_argnums=(0,))
+def _vocode(config, params, mel: jax.Array) -> jax.Array:
+    """BigVGAN on mel [B, mel, T]; jitted on the (hashable) config, so models with equal configs share compiles."""
+    from omni_jax.models.bigvgan import BigVGAN
+
+    return BigVGAN(config).apply({"params": params}, mel)
+
+
 def check_codes(codes: np.ndarray, num_embeds: int, what: str = "codec ids") -> None:
     """Codes the DiT can embed are [0, num_embeds); anything else (e.g. a talker end token) is an error."""
     codes = np.asarray(codes)
@@ -182,7 +191,7 @@ class SpeechModel:
                                                      t2w["code2wav_bigvgan_model"])
         self._talker_fns: dict = {}
         self._mel_fns: dict = {}
-        self._wave_fn = jax.jit(lambda p, mel: self.bigvgan.apply({"params": p}, mel))
+        self._wave_fn = partial(_vocode, config.token2wav.bigvgan)
 
     # ------------------------------------------------------------------ talker
     def talker_apply(self, params, embeds, positions, segment_ids, cache):
@@ -224,14 +233,20 @@ class SpeechModel:
         if np.shape(noise) not in ((frames, dit_cfg.mel_dim), (1, frames, dit_cfg.mel_dim)):
             raise ValueError(f"noise must be [{frames}, {dit_cfg.mel_dim}] for {n} codec tokens, got {np.shape(noise)}")
         noise = jnp.asarray(noise, jnp.float32).reshape(1, frames, dit_cfg.mel_dim)
+        # Length bucket (one compile per MEL_BUCKET frames): pad with code 0 / zero noise, mask the pad out.
+        bucket = -(-frames // MEL_BUCKET) * MEL_BUCKET
+        codes = np.pad(codes, ((0, 0), (0, (bucket - frames) // dit_cfg.repeats)))
+        noise = jnp.pad(noise, ((0, 0), (0, bucket - frames), (0, 0)))
+        frame_mask = jnp.asarray((np.arange(bucket) < frames)[None], jnp.int32)
         key = (num_steps, guidance_scale, sway_coefficient)
         if key not in self._mel_fns:
-            self._mel_fns[key] = jax.jit(lambda p, c, cond, ref, x0: sample_mel(
+            self._mel_fns[key] = jax.jit(lambda p, c, cond, ref, x0, m: sample_mel(
                 self.dit.apply, {"params": p}, c, cond, ref, x0, num_steps=num_steps,
-                guidance_scale=guidance_scale, sway_coefficient=sway_coefficient))
+                guidance_scale=guidance_scale, sway_coefficient=sway_coefficient, frame_mask=m))
         cond = jnp.asarray(voice.cond, jnp.float32).reshape(1, -1)
         ref = jnp.asarray(voice.ref_mel, jnp.float32).reshape(1, -1, dit_cfg.mel_dim)
-        return np.asarray(self._mel_fns[key](self.dit_params, jnp.asarray(codes), cond, ref, noise))[0]
+        mel = self._mel_fns[key](self.dit_params, jnp.asarray(codes), cond, ref, noise, frame_mask)
+        return np.asarray(mel)[0, :, :frames]
 
     def vocode(self, mel: np.ndarray) -> np.ndarray:
         """log-mel [mel, T] -> 24 kHz waveform [T * 240] float32."""

@@ -16,8 +16,9 @@ samples; `finish()` emits the rest. An utterance shorter than 48 tokens is synth
 
 Shapes are static: every DiT window is padded to 144 frames with a frame mask (padded frames are not attended,
 so padding changes nothing), and the vocoder sees 72 or 135 frames (an utterance shorter than 135 frames is
-vocoded whole at its own length when it finishes). Noise is fixed per position (`speech.position_noise`, or the caller's full noise array), so a
-stream is reproducible and starts from the same state as `SpeechModel.token2wav` with the same seed/noise.
+vocoded whole at its own length when it finishes). Noise is fixed per position (`speech.position_noise`, or the
+caller's full noise array), so a stream is reproducible and starts from the same state as
+`SpeechModel.token2wav` with the same seed/noise.
 
 Streamed ≠ whole-utterance synthesis exactly: the DiT window is bounded, so the context blocks' ODE states
 differ from the whole-utterance run and the difference reaches the chunk through the 36 DiT calls; the
@@ -95,15 +96,18 @@ class StreamLayout:
         return self.chunk // self.repeats
 
 
-@partial(jax.jit, static_argnums=(0,), static_argnames=("num_steps", "guidance_scale", "sway_coefficient"))
-def window_mel(dit_apply, params, codes, cond, ref_mel, noise, frame_mask, *, num_steps: int = 10,
+@partial(jax.jit, static_argnums=(0, 1), static_argnames=("num_steps", "guidance_scale", "sway_coefficient"))
+def window_mel(dit_config, dit_options, params, codes, cond, ref_mel, noise, frame_mask, *, num_steps: int = 10,
                guidance_scale: float = 0.5, sway_coefficient: float | None = -1.0) -> jax.Array:
     """The flow-matching ODE on padded windows: codes [B, W/r], cond [B, enc_emb_dim], ref_mel [B, T_ref, mel],
     noise [B, W, mel], frame_mask [B, W] (1 = real frame) -> mel [B, W, mel] (padded frames are garbage).
 
-    The same 3/8-rule RK4 steps and guidance as `flow_matching.sample_mel`; the DiT gets the frame mask."""
+    The same 3/8-rule RK4 steps and guidance as `flow_matching.sample_mel`; the DiT gets the frame mask. Jitted
+    on the (hashable) DiT config and options, so streams of models with equal configs share one compile."""
+    from omni_jax.models.dit import DiT
     from omni_jax.models.flow_matching import CFG_MIN_SCALE, rk4_step, time_points
 
+    dit_apply = DiT(dit_config, dit_options).apply
     batch = noise.shape[0]
 
     def velocity(t, y):
@@ -194,19 +198,17 @@ class StreamingToken2Wav:
         """Add codec ids per row (None or empty for none); returns the ready chunks per row."""
         if len(codes_per_row) != len(self.rows):
             raise ValueError(f"push_rows needs one entry per row ({len(self.rows)}), got {len(codes_per_row)}")
-        for r, codes in enumerate(codes_per_row):
-            if codes is None:
-                continue
-            row = self.rows[r]
-            codes = np.asarray(codes).reshape(-1)
+        new = [np.zeros((0,), np.int64) if c is None else np.asarray(c).reshape(-1) for c in codes_per_row]
+        for r, codes in enumerate(new):  # check every row before changing any
             if len(codes) == 0:
                 continue
-            if row.finished:
+            if self.rows[r].finished:
                 raise ValueError(f"row {r}: push after finish")
             if not np.issubdtype(codes.dtype, np.integer):
                 raise ValueError(f"row {r}: codec ids must be integers, got dtype {codes.dtype}")
             check_codes(codes, self.dit_config.num_embeds, what=f"row {r}: codec ids")
-            row.codes.extend(int(c) for c in codes)
+        for row, codes in zip(self.rows, new):
+            row.codes.extend(codes.tolist())
         return self._advance()
 
     def finish_rows(self, rows: Sequence[int] | None = None) -> list[list[np.ndarray]]:
@@ -269,8 +271,9 @@ class StreamingToken2Wav:
                 codes[r, :len(window_codes)] = window_codes
                 mask[r, :end - start] = 1
                 noise.append(self._noise(r, row, start))
-            mel = window_mel(self.speech.dit.apply, {"params": self.speech.dit_params}, jnp.asarray(codes),
-                             self._cond, self._ref, jnp.stack(noise), jnp.asarray(mask), **self.ode)
+            mel = window_mel(self.dit_config, self.speech.dit.options, {"params": self.speech.dit_params},
+                             jnp.asarray(codes), self._cond, self._ref, jnp.stack(noise), jnp.asarray(mask),
+                             **self.ode)
             mel = np.asarray(mel)  # [B, W, mel]
             for r, (row, span) in enumerate(zip(self.rows, spans)):
                 if span is None:

@@ -215,7 +215,7 @@ def test_cli_writes_and_streams_wav(tiny_checkpoint, tmp_path, capsys):
 
     out = str(tmp_path / "reply.wav")
     args = ["generate", "--model", tiny_checkpoint, "--prompt", "Say hi", "--max-new-tokens", "4",
-            "--max-audio-tokens", "60", "--speaker", "Chelsie", "--audio-out", out, "--stream-audio"]
+            "--max-audio-tokens", "100", "--speaker", "Chelsie", "--audio-out", out, "--stream-audio"]
     assert main(args) == 0
     wave, rate = soundfile.read(out, dtype="float32")
     assert rate == 24000 and wave.ndim == 1 and len(wave) > 0 and len(wave) % 480 == 0
