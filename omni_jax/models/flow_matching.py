@@ -12,6 +12,9 @@
 * Guidance: f = v_c + g·(v_c − v_u), both from one DiT call on the doubled batch (`apply_cfg=True`); for
   g < 1e-5 a single conditional call (as HF).
 * The start noise is an explicit input (HF draws it with torch.randn, so parity needs it injected).
+* Length buckets: pad codes / noise to a bucket length and pass `frame_mask` (1 = real frame); the DiT then
+  gives padded frames no attention weight, so the real frames' mel is the unpadded one (up to float rounding)
+  and one compiled sampler serves every length in the bucket.
 
 `sample_mel` is jitted with `dit_apply` static: keep one `DiT` instance and pass its `.apply` to reuse the
 compiled sampler (bound methods of the same instance compare equal; a new instance compiles again).
@@ -85,6 +88,7 @@ def sample_mel(
     guidance_scale: float = 0.5,
     sway_coefficient: float | None = -1.0,
     return_trajectory: bool = False,
+    frame_mask: jax.Array | None = None,  # [B, T] 1 = real frame (length buckets: padded frames are not attended)
 ):
     """Integrate the guided velocity field from t = 0 (noise) to t = 1.
 
@@ -97,11 +101,12 @@ def sample_mel(
         raise ValueError(f"codes, cond, ref_mel and noise must share the batch size; got {codes.shape[0]}, "
                          f"{cond.shape[0]}, {ref_mel.shape[0]}, {batch}")
     guided = guidance_scale >= CFG_MIN_SCALE
+    masked = {} if frame_mask is None else {"frame_mask": frame_mask}
 
     def velocity(t, y):
         if not guided:
-            return dit_apply(params, y, codes, cond, ref_mel, t)
-        v = dit_apply(params, y, codes, cond, ref_mel, t, apply_cfg=True)  # [2B, T, mel]
+            return dit_apply(params, y, codes, cond, ref_mel, t, **masked)
+        v = dit_apply(params, y, codes, cond, ref_mel, t, apply_cfg=True, **masked)  # [2B, T, mel]
         v_cond, v_uncond = v[:batch], v[batch:]
         return v_cond + (v_cond - v_uncond) * jnp.float32(guidance_scale)
 
