@@ -205,6 +205,8 @@ class OmniModel:
         chunks. It equals the whole-utterance waveform only within the bounded-context tolerance of
         docs/streaming.md (same noise: a row's noise depends on seed + row and the frame position only).
         """
+        if on_audio is not None and not return_audio:
+            raise ValueError("on_audio streams speech: pass return_audio=True with it")
         if return_audio:
             if self.speech is None:
                 raise ValueError("this checkpoint has no talker/token2wav (converted thinker-only?); "

@@ -193,6 +193,8 @@ def test_generate_streams_audio(tiny_checkpoint):
 
     model = OmniModel.from_pretrained(tiny_checkpoint)
     ids = np.random.default_rng(3).integers(100, 5000, (2, 6))
+    with pytest.raises(ValueError, match="return_audio=True"):
+        model.generate({"input_ids": ids}, on_audio=lambda row, chunk: None)
     kw = dict(max_new_tokens=4, eos_token_id=[151645], return_audio=True, speaker="Ethan", seed=1,
               talker={"do_sample": False, "max_new_tokens": 100, "chunk_steps": 12})
     received = [[], []]
