@@ -126,6 +126,25 @@ def test_streamed_equals_whole_utterance_within_tolerance(speech, streamed):
     assert np.linalg.norm(other - whole) / np.linalg.norm(whole) > 0.1
 
 
+def test_dit_chunks_are_the_release_windows(speech, streamed):
+    """The last chunk's DiT output equals the flow-matching sampler run on the release's unpadded window
+    [72k − 48, end) = frames [168, 300) (start noise of those positions), frames [216, 300) kept: the padded,
+    masked 144-frame window computes exactly that."""
+    import jax
+
+    from omni_jax.models.flow_matching import sample_mel
+    from omni_jax.speech import position_noise
+
+    codes, _, _, _, mels = streamed
+    first, last_mel = mels[-1]
+    assert first == 216
+    voice = speech.speakers["Chelsie"]
+    noise = position_noise(jax.random.key(3), 168, num_frames=132, mel_dim=80, block_size=24)
+    ref = sample_mel(speech.dit.apply, {"params": speech.dit_params}, codes[None, 84:150], voice.cond[None],
+                     voice.ref_mel[None], noise[None])  # [1, 80, 132]
+    np.testing.assert_allclose(last_mel, np.asarray(ref)[0].T[216 - 168:], atol=EXACT_ATOL)
+
+
 def test_short_utterance_is_one_exact_chunk(speech):
     """Under 48 tokens nothing streams; finish() synthesises the whole utterance in one padded window, which
     equals the whole-utterance path (the frame mask makes padding inert)."""
