@@ -60,7 +60,10 @@ def bench_ours(dtype: str, batch: int, seq: int, steps: int, warmup: int, layers
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     dims = text_dims(layers)
-    overrides = [f"thinker.text.{k}={v}" for k, v in dims.items()] + [f"thinker.text.mrope_section={MROPE_SECTION}"]
+    hidden = dims["hidden_size"]
+    overrides = [f"thinker.text.{k}={v}" for k, v in dims.items()] + [
+        f"thinker.text.mrope_section={MROPE_SECTION}", f"thinker.audio.output_dim={hidden}",
+        f"thinker.vision.out_hidden_size={hidden}", f"talker.embedding_size={hidden}", "enable_audio_output=false"]
     config = apply_overrides(OmniConfig.from_yaml(os.path.join(repo, "configs/models/tiny.yaml")), overrides)
     options = RuntimeOptions(dtype=dtype, param_dtype="float32", remat_policy=remat, attention_backend=attention)
     thinker = Thinker(config.thinker, options)
