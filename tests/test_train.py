@@ -180,15 +180,17 @@ def _losses(workdir):
         return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
 
 
-def _final_params(workdir, step=8):
+def _final_params(workdir, trainer, step=8):
+    """Params of checkpoint `step`, restored onto `trainer`'s mesh."""
     from train.checkpointing import Checkpoints
 
     ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), 1, 10)
     try:
-        restored = ckpts.manager.restore(step)
+        state = ckpts.restore_state(step, trainer.abstract_state)
     finally:
         ckpts.close()
-    return jax.device_get(restored["state"]["params"])
+    assert int(state.step) == step
+    return jax.device_get(state.params)
 
 
 def _free_port():
@@ -233,17 +235,18 @@ def test_kill_resume_is_bit_exact_and_two_processes_match(tmp_path, model):
     losses_a = _losses(tmp_path / "a")
     assert [s for s, _ in losses_a] == list(range(1, 9))
     assert _losses(tmp_path / "b") == losses_a  # bit-exact loss curve, data order included
-    params_a = _final_params(tmp_path / "a")
-    assert _max_diff(_final_params(tmp_path / "b"), params_a) == 0.0
+    cfg, thinker, params = model
+    single = _trainer(thinker, params, {"fsdp": 1}, steps=8)
+    params_a = _final_params(tmp_path / "a", single)
+    assert _max_diff(_final_params(tmp_path / "b", single), params_a) == 0.0
     # two processes: same global batches; cross-process all-reduces sum in another order (~1e-7 relative)
     losses_c = _losses(tmp_path / "c")
     np.testing.assert_allclose([v for _, v in losses_c], [v for _, v in losses_a], rtol=1e-5)
-    assert _max_diff(_final_params(tmp_path / "c"), params_a) < 1e-4
+    assert _max_diff(_final_params(tmp_path / "c", single), params_a) < 1e-4
 
     # restore A's last checkpoint onto another mesh shape (tensor-parallel on 8 devices): same values
     from train.checkpointing import Checkpoints
 
-    cfg, thinker, params = model
     trainer = _trainer(thinker, params, {"fsdp": 2, "tensor": 4}, steps=8)
     ckpts = Checkpoints(os.path.join(tmp_path / "a", "checkpoints"), 1, 10)
     try:
