@@ -102,26 +102,14 @@ def window_mel(dit_config, dit_options, params, codes, cond, ref_mel, noise, fra
     """The flow-matching ODE on padded windows: codes [B, W/r], cond [B, enc_emb_dim], ref_mel [B, T_ref, mel],
     noise [B, W, mel], frame_mask [B, W] (1 = real frame) -> mel [B, W, mel] (padded frames are garbage).
 
-    The same 3/8-rule RK4 steps and guidance as `flow_matching.sample_mel`; the DiT gets the frame mask. Jitted
-    on the (hashable) DiT config and options, so streams of models with equal configs share one compile."""
+    `flow_matching.sample_mel` with the frame mask, jitted on the (hashable) DiT config and options, so streams
+    of models with equal configs share one compile."""
     from omni_jax.models.dit import DiT
-    from omni_jax.models.flow_matching import CFG_MIN_SCALE, rk4_step, time_points
+    from omni_jax.models.flow_matching import sample_mel
 
-    dit_apply = DiT(dit_config, dit_options).apply
-    batch = noise.shape[0]
-
-    def velocity(t, y):
-        if guidance_scale < CFG_MIN_SCALE:
-            return dit_apply(params, y, codes, cond, ref_mel, t, frame_mask=frame_mask)
-        v = dit_apply(params, y, codes, cond, ref_mel, t, apply_cfg=True, frame_mask=frame_mask)  # [2B, W, mel]
-        v_cond, v_uncond = v[:batch], v[batch:]
-        return v_cond + (v_cond - v_uncond) * jnp.float32(guidance_scale)
-
-    t = jnp.asarray(time_points(num_steps, sway_coefficient))
-    intervals = jnp.stack([t[:-1], t[1:]], axis=-1)  # [num_steps - 1, 2]
-    final, _ = jax.lax.scan(lambda y, iv: (rk4_step(velocity, iv[0], iv[1], y), None), noise.astype(jnp.float32),
-                            intervals)
-    return final
+    mel = sample_mel(DiT(dit_config, dit_options).apply, params, codes, cond, ref_mel, noise, num_steps=num_steps,
+                     guidance_scale=guidance_scale, sway_coefficient=sway_coefficient, frame_mask=frame_mask)
+    return jnp.transpose(mel, (0, 2, 1))  # [B, W, mel]
 
 
 @dataclasses.dataclass
