@@ -263,7 +263,7 @@ def test_nonfinite_run_stops_with_checkpoints_intact(tmp_path):
     """K consecutive NaN steps stop the loop with a clear error; the checkpoints before them stay usable."""
     from train.loop import TrainingDiverged, train
 
-    cfg = TrainConfig.from_yaml(CONFIG, _LOOP_ARGS + ["mesh.fsdp=1", "train.max_nonfinite=2",
+    cfg = TrainConfig.from_yaml(CONFIG, _LOOP_ARGS + ["mesh.fsdp=4", "mesh.tensor=2", "train.max_nonfinite=2",
                                                       "data.nan_from_batch=4"])
     with pytest.raises(TrainingDiverged, match="2 consecutive steps"):
         train(cfg, str(tmp_path))

@@ -323,7 +323,7 @@ def train(cfg: TrainConfig, workdir: str) -> dict:
         dt, last_time = now - last_time, now
         tokens = cfg.data.batch_size * cfg.data.seq_len
         record = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                  "lr": float(schedule(step - 1)), "loss_tokens": int(m["tokens"]), "step_time_s": dt,
+                  "lr": float(schedule(step - 1)), "loss_tokens": float(m["tokens"]), "step_time_s": dt,
                   "tokens_per_s": tokens / dt}
         if peak_total:
             head = 0.0 if head_everywhere else head_flops * min(cfg.train.max_loss_tokens * k, tokens)
