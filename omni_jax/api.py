@@ -205,6 +205,17 @@ class OmniModel:
         chunks. It equals the whole-utterance waveform only within the bounded-context tolerance of
         docs/streaming.md (same noise: a row's noise depends on seed + row and the frame position only).
         """
+        if self._pad_single_row(batch, return_audio):
+            # XLA:CPU runs a bfloat16 [1, D] x [D, F] dot ~15x slower than [2, D] x [D, F] (docs/performance.md):
+            # a one-row text batch is run as two copies of the row and the copy dropped (rows are independent).
+            on_row0 = None if on_tokens is None else (lambda step, tokens: on_tokens(step, tokens[:1]))
+            two = {k: np.concatenate([np.asarray(v)] * 2, axis=0) for k, v in batch.items()}
+            out = self.generate(two, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                pad_token_id=pad_token_id, chunk_steps=chunk_steps, on_tokens=on_row0,
+                                use_audio_in_video=use_audio_in_video, temperature=temperature, top_k=top_k,
+                                top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+            return GenerateOutput(sequences=out.sequences[:1], generated=out.generated[:1], text=out.text[:1],
+                                  codec_tokens=out.codec_tokens[:1], audio=out.audio[:1])
         if on_audio is not None and not return_audio:
             raise ValueError("on_audio streams speech: pass return_audio=True with it")
         if return_audio:
@@ -275,6 +286,12 @@ class OmniModel:
                          for row, codes in enumerate(codec_tokens)]
         return GenerateOutput(sequences=sequences, generated=generated, text=text,
                               codec_tokens=codec_tokens, audio=audio)
+
+    def _pad_single_row(self, batch: Mapping[str, Any], return_audio: bool) -> bool:
+        """Whether generate() should run a one-row text batch as two rows (the bfloat16 GEMV workaround)."""
+        text_only = set(batch) <= {"input_ids", "attention_mask"}
+        return (text_only and not return_audio and self.mesh is None and np.shape(batch["input_ids"])[0] == 1
+                and jnp.dtype(self.options.dtype) == jnp.bfloat16 and jax.default_backend() == "cpu")
 
     def _note_shape(self, fn_key: tuple, batch_size: int, bucket: int, inputs: ThinkerInputs) -> None:
         """Record the compiled-shape signature of one generate() call; log the first time it is seen."""

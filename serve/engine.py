@@ -190,6 +190,9 @@ class Engine:
         # On a mesh the batch is split over the data-parallel axes: every batch is padded to a multiple of them.
         mesh = getattr(model, "mesh", None)
         self.row_multiple = 1 if mesh is None else int(np.prod([mesh.shape.get(a, 1) for a in ("data", "fsdp")]))
+        if mesh is None and getattr(model, "_pad_single_row", None) is not None and str(model.options.dtype) in (
+                "bfloat16", "bf16") and _on_cpu():
+            self.row_multiple = 2  # XLA:CPU bfloat16 one-row GEMVs are slow (OmniModel._pad_single_row)
         eos = eos_token_id if eos_token_id is not None else (
             getattr(model.config.thinker, "eos_token_id", None) or 151645)
         self.eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
@@ -433,6 +436,12 @@ class Engine:
         if len(text_so_far) > len(done):
             self._emitted[pending.seq] = text_so_far
             events.put(("delta", TextDelta(pending.request, text_so_far[len(done):])))
+
+
+def _on_cpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "cpu"
 
 
 def _message(err: BaseException) -> str:

@@ -125,3 +125,23 @@ def test_7b_shaped_tensor_and_data_parallel_equals_single_device(tmp_path_factor
         ref = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=10,
                           do_sample=False, eos_token_id=None, pad_token_id=0)
     np.testing.assert_array_equal(np.stack(a.generated), ref.numpy()[:, 13:])
+
+
+def test_bfloat16_single_row_runs_as_two_rows_with_the_same_tokens(setup):
+    """The XLA:CPU bf16 GEMV workaround: a one-row batch runs as two copies; its tokens equal that row's tokens
+    when it shares a batch with another prompt (rows are independent)."""
+    hf, _, processor, media = setup
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as path:
+        hf.save_pretrained(path)
+        ours = OmniModel.from_pretrained(path, dtype="bfloat16")
+    conversations = _conversations(media)
+    one = processor(conversations[:1])
+    assert ours._pad_single_row(one, return_audio=False)
+    streamed = []
+    alone = ours.generate(one, max_new_tokens=8, eos_token_id=NO_EOS, chunk_steps=4,
+                          on_tokens=lambda step, t: streamed.append(t))
+    pair = ours.generate(processor([conversations[0], conversations[3]]), max_new_tokens=8, eos_token_id=NO_EOS)
+    assert alone.sequences.shape[0] == 1 and streamed[-1].shape == (1, 8)
+    np.testing.assert_array_equal(alone.generated[0], pair.generated[0])
