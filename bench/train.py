@@ -47,7 +47,6 @@ def text_dims(layers: int | None) -> dict:
 def bench_ours(dtype: str, batch: int, seq: int, steps: int, warmup: int, layers: int | None, remat: str,
                attention: str) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import flax.linen as nn
 

@@ -14,7 +14,6 @@ import logging
 import os
 from typing import Any, Optional
 
-import jax
 
 log = logging.getLogger(__name__)
 

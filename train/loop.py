@@ -67,7 +67,6 @@ def _model_config(cfg: TrainConfig) -> OmniConfig:
 def _initial_params(cfg: TrainConfig, config: OmniConfig, thinker: Thinker) -> dict:
     """{"thinker": host or device arrays}: from model.init_from, or random (model.seed)."""
     if cfg.model.init_from:
-        from omni_jax.api import OmniModel
         from omni_jax.checkpoint import load_params
         from omni_jax.hf_mapping import load_hf_params
 
@@ -76,7 +75,6 @@ def _initial_params(cfg: TrainConfig, config: OmniConfig, thinker: Thinker) -> d
             params = load_params(os.path.join(path, "params"))
         else:
             params = load_hf_params(path, config, thinker_only=True)
-        del OmniModel
         return {"thinker": params["thinker"]}
     variables = jax.jit(lambda rng: init_thinker(thinker, rng))(jax.random.key(cfg.model.seed))
     return {"thinker": nn.meta.unbox(variables)["params"]}
@@ -92,8 +90,10 @@ def _processor(cfg: TrainConfig, workdir: str):
     tok_dir = os.path.join(workdir, "tokenizer")
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         if jax.process_index() == 0:
+            shutil.rmtree(tok_dir + ".tmp", ignore_errors=True)
             write_qwen_tokenizer(tok_dir + ".tmp")
-            os.replace(tok_dir + ".tmp", tok_dir) if not os.path.exists(tok_dir) else None
+            shutil.rmtree(tok_dir, ignore_errors=True)  # a partial one from an interrupted run
+            os.replace(tok_dir + ".tmp", tok_dir)
         _barrier("tokenizer")
     return Processor.from_pretrained(tok_dir), tok_dir
 

@@ -11,7 +11,7 @@ A step whose loss or gradient is not finite leaves params and optimizer state un
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax
 import flax.linen as nn
