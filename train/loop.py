@@ -209,6 +209,12 @@ def export_checkpoint(cfg: TrainConfig, config: OmniConfig, params_host: dict, o
         full = load_params(os.path.join(src, "params"))
         params.update({k: v for k, v in full.items() if k != "thinker"})
         voices_src = src
+    elif speech and src:  # an HF directory: its talker, Token2Wav and voices (spk_dict.pt)
+        from omni_jax.hf_mapping import load_hf_params
+
+        full = load_hf_params(src, config, thinker_only=False)
+        params.update({k: v for k, v in full.items() if k != "thinker"})
+        voices_src = src
     elif speech and not src:
         from omni_jax.init_model import init_params, random_voices
 
