@@ -184,7 +184,11 @@ class SpeechModel:
         # Token2Wav runs in float32, as the reference does.
         self.dit = DiT(config.token2wav.dit, RuntimeOptions(attention_backend=options.attention_backend))
         self.bigvgan = BigVGAN(config.token2wav.bigvgan)
-        self.talker_params = params["talker"]
+        # Held in options.param_dtype (e.g. bfloat16 for serving: half the bytes each decode step reads).
+        talker_dtype = jnp.dtype(options.param_dtype)
+        self.talker_params = jax.tree_util.tree_map(
+            lambda x: jnp.asarray(x, talker_dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x,
+            params["talker"])
         t2w = params["token2wav"]
         self.dit_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), t2w["code2wav_dit_model"])
         self.bigvgan_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32),
