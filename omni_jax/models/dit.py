@@ -518,7 +518,7 @@ def weight_table(config: DiTConfig) -> list[WeightRow]:
     rows += _lin("input_embed.proj", "input_embed/proj", M + c.enc_dim + E + c.enc_emb_dim, D)
 
     p, o = "input_embed.spk_encoder.", "input_embed/spk_encoder/"
-    ch, ks, ds = c.enc_channels, c.enc_kernel_sizes, c.enc_dilations
+    ch, ks = c.enc_channels, c.enc_kernel_sizes
     rows += _conv(p + "blocks.0.conv", o + "blocks_0/conv", M, ch[0], ks[0])
     for b in range(1, len(ch) - 1):
         bp, bo = f"{p}blocks.{b}.", f"{o}blocks_{b}/"
