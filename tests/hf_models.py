@@ -67,6 +67,22 @@ def left_padded_batch(rng: np.random.Generator, lengths, vocab: int, pad_id: int
     return ids, mask
 
 
+def randomize_dit_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """DiT weights ~ N(0, 1/fan_in) (AdaLN linears included, which HF may init to zero), biases ~ N(0, 0.1²),
+    the codec table ~ N(0, 1): activations and velocities are O(1) (so an absolute tolerance means something)
+    and attention across blocks matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif "codec_embed" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(int(np.prod(p.shape[1:]))))
+    return model
+
+
 def randomize_bigvgan_(model: torch.nn.Module, seed: int = 0, gain: float = 0.8) -> torch.nn.Module:
     """BigVGAN weights that keep the waveform mostly inside (-1, 1): conv weights ~ gain·N(0, 1/fan_in) (1.0 makes
     the residual stream grow ~x2 per stage and the output is mostly clamped), conv_post another x0.5, biases and

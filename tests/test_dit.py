@@ -2,7 +2,6 @@
 transformers (PyTorch CPU, float32) on a small random model; weight conversion round trip."""
 from __future__ import annotations
 
-import math
 
 import flax
 import jax
@@ -13,6 +12,7 @@ import torch
 from transformers import Qwen2_5OmniDiTConfig
 from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as hf_omni
 
+from hf_models import randomize_dit_
 from omni_jax.config import DiTConfig
 from omni_jax.models import dit as dit_lib
 from omni_jax.models.dit import DiT, block_attention_mask, hf_to_params, layer_windows, params_to_hf
@@ -27,27 +27,13 @@ CFG = DiTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, head
 T_REF = 37  # odd, and longer than the largest reflect pad (4)
 
 
-def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Weights ~ N(0, 1/fan_in) (AdaLN linears included, which HF may init to zero), biases ~ N(0, 0.1²),
-    the codec table ~ N(0, 1): activations and velocities are O(1), so an absolute tolerance means something."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            elif "codec_embed" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(int(np.prod(p.shape[1:]))))
-
-
 @pytest.fixture(scope="module")
 def hf_dit():
     config = Qwen2_5OmniDiTConfig(**CFG.to_hf_config())
     config._attn_implementation = "sdpa"  # the DiT attention does not support HF's eager path
     torch.manual_seed(0)
     model = hf_omni.Qwen2_5OmniToken2WavDiTModel(config)
-    _randomize(model)
+    randomize_dit_(model)
     return model.eval()  # spec §14.13: dropout is active until .eval()
 
 

@@ -4,7 +4,6 @@ the CLI's --audio-out / --stream-audio on a tiny random checkpoint."""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from transformers import Qwen2_5OmniDiTConfig
 from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as hf_omni
 from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniBigVGANConfig
 
-from hf_models import randomize_bigvgan_
+from hf_models import randomize_bigvgan_, randomize_dit_
 from omni_jax.config import OmniConfig, RuntimeOptions, apply_overrides
 from omni_jax.models import bigvgan as bigvgan_lib
 from omni_jax.models import dit as dit_lib
@@ -42,19 +41,6 @@ WAVE_REL_L2, WAVE_MAX_ABS = 1e-4, 5e-4
 EXACT_ATOL = 1e-5
 
 
-def _randomize_dit(model: torch.nn.Module, seed: int = 0) -> None:
-    """Weights ~ N(0, 1/fan_in) (AdaLN included, so attention across blocks matters), biases ~ N(0, 0.1²)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            elif "codec_embed" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(int(np.prod(p.shape[1:]))))
-
-
 @pytest.fixture(scope="module")
 def speech():
     """Token2Wav only (no talker): tiny DiT with the released receptive field (look-back layers 0 and 2,
@@ -67,7 +53,7 @@ def speech():
     hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     dit = hf_omni.Qwen2_5OmniToken2WavDiTModel(hf_cfg)
-    _randomize_dit(dit)
+    randomize_dit_(dit)
     vocoder = randomize_bigvgan_(hf_omni.Qwen2_5OmniToken2WavBigVGANModel(
         Qwen2_5OmniBigVGANConfig(**voc_cfg.to_hf_config())), seed=2)
     dit_params = dit_lib.hf_to_params({k: v.numpy() for k, v in dit.state_dict().items()}, dit_cfg)
