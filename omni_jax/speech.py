@@ -152,6 +152,21 @@ def codes_before_end(tokens: np.ndarray, end_ids: Sequence[int]) -> list[np.ndar
     return out
 
 
+@partial(jax.jit, static_argnums=(0, 1), static_argnames=("num_steps", "guidance_scale", "sway_coefficient"))
+def sample_masked_mel(dit_config, dit_options, params, codes, cond, ref_mel, noise, frame_mask, *, num_steps: int = 10,
+                      guidance_scale: float = 0.5, sway_coefficient: float | None = -1.0) -> jax.Array:
+    """The flow-matching ODE on padded lengths: codes [B, W/r], cond [B, enc_emb_dim], ref_mel [B, T_ref, mel],
+    noise [B, W, mel], frame_mask [B, W] (1 = real frame) -> mel [B, mel, W] (padded frames are garbage).
+
+    `flow_matching.sample_mel` jitted on the (hashable) DiT config and options, so whole-utterance synthesis,
+    streams and models with equal configs share compiles."""
+    from omni_jax.models.dit import DiT
+    from omni_jax.models.flow_matching import sample_mel
+
+    return sample_mel(DiT(dit_config, dit_options).apply, params, codes, cond, ref_mel, noise, num_steps=num_steps,
+                      guidance_scale=guidance_scale, sway_coefficient=sway_coefficient, frame_mask=frame_mask)
+
+
 @partial(jax.jit, static_argnums=(0,))
 def _vocode(config, params, mel: jax.Array) -> jax.Array:
     """BigVGAN on mel [B, mel, T]; jitted on the (hashable) config, so models with equal configs share compiles."""
@@ -194,7 +209,6 @@ class SpeechModel:
         self.bigvgan_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32),
                                                      t2w["code2wav_bigvgan_model"])
         self._talker_fns: dict = {}
-        self._mel_fns: dict = {}
         self._wave_fn = partial(_vocode, config.token2wav.bigvgan)
 
     # ------------------------------------------------------------------ talker
@@ -222,8 +236,6 @@ class SpeechModel:
             num_steps: int = 10, guidance_scale: float = 0.5, sway_coefficient: float = -1.0) -> np.ndarray:
         """Codec ids [n] -> log-mel [mel, 2n] by flow matching from `noise` [2n, mel] (if None: `position_noise`
         from `seed`, the noise streaming uses too)."""
-        from omni_jax.models.flow_matching import sample_mel
-
         dit_cfg = self.config.token2wav.dit
         codes = np.asarray(codes, np.int32).reshape(1, -1)
         n = codes.shape[1]
@@ -242,14 +254,11 @@ class SpeechModel:
         codes = np.pad(codes, ((0, 0), (0, (bucket - frames) // dit_cfg.repeats)))
         noise = jnp.pad(noise, ((0, 0), (0, bucket - frames), (0, 0)))
         frame_mask = jnp.asarray((np.arange(bucket) < frames)[None], jnp.int32)
-        key = (num_steps, guidance_scale, sway_coefficient)
-        if key not in self._mel_fns:
-            self._mel_fns[key] = jax.jit(lambda p, c, cond, ref, x0, m: sample_mel(
-                self.dit.apply, {"params": p}, c, cond, ref, x0, num_steps=num_steps,
-                guidance_scale=guidance_scale, sway_coefficient=sway_coefficient, frame_mask=m))
         cond = jnp.asarray(voice.cond, jnp.float32).reshape(1, -1)
         ref = jnp.asarray(voice.ref_mel, jnp.float32).reshape(1, -1, dit_cfg.mel_dim)
-        mel = self._mel_fns[key](self.dit_params, jnp.asarray(codes), cond, ref, noise, frame_mask)
+        mel = sample_masked_mel(dit_cfg, self.dit.options, {"params": self.dit_params}, jnp.asarray(codes), cond, ref,
+                                noise, frame_mask, num_steps=num_steps, guidance_scale=guidance_scale,
+                                sway_coefficient=sway_coefficient)
         return np.asarray(mel)[0, :, :frames]
 
     def vocode(self, mel: np.ndarray) -> np.ndarray:

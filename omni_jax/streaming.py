@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from omni_jax.speech import SpeechModel, check_codes, position_noise
+from omni_jax.speech import SpeechModel, check_codes, position_noise, sample_masked_mel
 from omni_jax.voices import Voice, resolve_voice
 
 __all__ = ["StreamLayout", "StreamingToken2Wav", "TalkerAudioStream", "window_mel"]
@@ -99,16 +99,9 @@ class StreamLayout:
 @partial(jax.jit, static_argnums=(0, 1), static_argnames=("num_steps", "guidance_scale", "sway_coefficient"))
 def window_mel(dit_config, dit_options, params, codes, cond, ref_mel, noise, frame_mask, *, num_steps: int = 10,
                guidance_scale: float = 0.5, sway_coefficient: float | None = -1.0) -> jax.Array:
-    """The flow-matching ODE on padded windows: codes [B, W/r], cond [B, enc_emb_dim], ref_mel [B, T_ref, mel],
-    noise [B, W, mel], frame_mask [B, W] (1 = real frame) -> mel [B, W, mel] (padded frames are garbage).
-
-    `flow_matching.sample_mel` with the frame mask, jitted on the (hashable) DiT config and options, so streams
-    of models with equal configs share one compile."""
-    from omni_jax.models.dit import DiT
-    from omni_jax.models.flow_matching import sample_mel
-
-    mel = sample_mel(DiT(dit_config, dit_options).apply, params, codes, cond, ref_mel, noise, num_steps=num_steps,
-                     guidance_scale=guidance_scale, sway_coefficient=sway_coefficient, frame_mask=frame_mask)
+    """`speech.sample_masked_mel` on padded DiT windows, as [B, W, mel] (padded frames are garbage)."""
+    mel = sample_masked_mel(dit_config, dit_options, params, codes, cond, ref_mel, noise, frame_mask,
+                            num_steps=num_steps, guidance_scale=guidance_scale, sway_coefficient=sway_coefficient)
     return jnp.transpose(mel, (0, 2, 1))  # [B, W, mel]
 
 
