@@ -69,25 +69,9 @@ def _vision(pixel_values, grid_thw, cfg, what: str, ids: np.ndarray, token_id: i
     return MultimodalVision(plan.pad_pixel_values(pixel_values), plan.arrays)
 
 
-def prepare_thinker_inputs(batch: Mapping[str, Any], config: ThinkerConfig, use_audio_in_video: bool = False,
-                           pad_to: Optional[int] = None, pad_id: int = 151643) -> ThinkerInputs:
-    """Processor batch -> ThinkerInputs. `pad_to` left-pads the text to that length (generation buckets)."""
-    if "input_ids" not in batch:
-        raise KeyError("batch has no 'input_ids'")
-    ids = np.asarray(batch["input_ids"]).astype(np.int32)
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
-    mask = np.asarray(batch.get("attention_mask", np.ones_like(ids))).astype(np.int32)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids {ids.shape}")
-    if pad_to is not None and pad_to > ids.shape[1]:
-        extra = pad_to - ids.shape[1]
-        ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
-        mask = np.pad(mask, ((0, 0), (extra, 0)), constant_values=0)
-    max_positions = config.text.max_position_embeddings
-    if ids.shape[1] > max_positions:
-        raise ValueError(f"prompt of {ids.shape[1]} tokens is longer than the context of {max_positions} positions")
-
+def encoder_inputs(batch: Mapping[str, Any], ids: np.ndarray, config: ThinkerConfig):
+    """The encoders' inputs of a batch, checked against the placeholder tokens in `ids` [B, T]:
+    (audio: MultimodalAudio | None, image, video: MultimodalVision | None, audio_seqlens [A] | None)."""
     audio = image = video = None
     audio_seqlens = None
     if batch.get("input_features") is not None:
@@ -116,6 +100,30 @@ def prepare_thinker_inputs(batch: Mapping[str, Any], config: ThinkerConfig, use_
                         config.video_token_index)
     elif _count(ids, config.video_token_index):
         raise ValueError("the prompt has video placeholder tokens but the batch has no pixel_values_videos")
+
+    return audio, image, video, audio_seqlens
+
+
+def prepare_thinker_inputs(batch: Mapping[str, Any], config: ThinkerConfig, use_audio_in_video: bool = False,
+                           pad_to: Optional[int] = None, pad_id: int = 151643) -> ThinkerInputs:
+    """Processor batch -> ThinkerInputs. `pad_to` left-pads the text to that length (generation buckets)."""
+    if "input_ids" not in batch:
+        raise KeyError("batch has no 'input_ids'")
+    ids = np.asarray(batch["input_ids"]).astype(np.int32)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
+    mask = np.asarray(batch.get("attention_mask", np.ones_like(ids))).astype(np.int32)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids {ids.shape}")
+    if pad_to is not None and pad_to > ids.shape[1]:
+        extra = pad_to - ids.shape[1]
+        ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
+        mask = np.pad(mask, ((0, 0), (extra, 0)), constant_values=0)
+    max_positions = config.text.max_position_embeddings
+    if ids.shape[1] > max_positions:
+        raise ValueError(f"prompt of {ids.shape[1]} tokens is longer than the context of {max_positions} positions")
+
+    audio, image, video, audio_seqlens = encoder_inputs(batch, ids, config)
 
     rope_kwargs = dict(
         image_grid_thw=batch.get("image_grid_thw"), video_grid_thw=batch.get("video_grid_thw"),
