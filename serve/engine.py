@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect
 import itertools
 import json
 import queue
@@ -46,11 +45,11 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from omni_jax.speech import SAMPLE_RATE  # Token2Wav output rate
 from serve.requests import Request, RequestError, parse_request
 
 __all__ = ["Engine", "TextDelta", "AudioChunk", "Finished", "Failed", "Event", "merge_batches", "SAMPLE_RATE"]
 
-SAMPLE_RATE = 24000  # Token2Wav output rate
 NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
@@ -186,13 +185,9 @@ class Engine:
         if batch_buckets is None:
             batch_buckets = sorted({min(2 ** i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
         self.batch_buckets = tuple(sorted(batch_buckets))
-        self._streams_audio = "on_audio" in inspect.signature(model.generate).parameters
         # On a mesh the batch is split over the data-parallel axes: every batch is padded to a multiple of them.
         mesh = getattr(model, "mesh", None)
         self.row_multiple = 1 if mesh is None else int(np.prod([mesh.shape.get(a, 1) for a in ("data", "fsdp")]))
-        if mesh is None and getattr(model, "_pad_single_row", None) is not None and str(model.options.dtype) in (
-                "bfloat16", "bf16") and _on_cpu():
-            self.row_multiple = 2  # XLA:CPU bfloat16 one-row GEMVs are slow (OmniModel._pad_single_row)
         eos = eos_token_id if eos_token_id is not None else (
             getattr(model.config.thinker, "eos_token_id", None) or 151645)
         self.eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
@@ -396,14 +391,14 @@ class Engine:
                 chunks[row] += 1
 
         seed = first.seed if first.stochastic else 0
-        extra = {"on_audio": on_audio} if first.return_audio and self._streams_audio else {}
         start = time.perf_counter()
         out = self.model.generate(
             batch, max_new_tokens=steps, return_audio=first.return_audio, speaker=first.speaker,
             eos_token_id=self.eos_ids, chunk_steps=self.stream_every if self.stream else None, on_tokens=on_tokens,
             use_audio_in_video=first.use_audio_in_video, temperature=[r.temperature for r in padded],
             top_k=[r.top_k for r in padded], top_p=[r.top_p for r in padded],
-            repetition_penalty=[r.repetition_penalty for r in padded], seed=seed, talker=first.talker, **extra)
+            repetition_penalty=[r.repetition_penalty for r in padded], seed=seed, talker=first.talker,
+            on_audio=on_audio if first.return_audio else None)
         end = time.perf_counter()
         prefill_done = marks[0] if marks else end
         thinker_done = marks[-1] if marks else end
@@ -424,7 +419,7 @@ class Engine:
                 "attempts": attempt,
             }
             audio = out.audio[row] if request.return_audio else None
-            if audio is not None and chunks[row] == 0:  # the model did not stream it: one chunk, the whole wave
+            if audio is not None and chunks[row] == 0:  # nothing streamed (a reply too short to speak): one chunk
                 events.put(("delta", AudioChunk(request, np.asarray(audio, np.float32), 0)))
             results.append(Finished(request, text, ids, "stop" if ids and ids[-1] in eos else "length",
                                     None if audio is None else np.asarray(audio, np.float32), timings))
@@ -436,12 +431,6 @@ class Engine:
         if len(text_so_far) > len(done):
             self._emitted[pending.seq] = text_so_far
             events.put(("delta", TextDelta(pending.request, text_so_far[len(done):])))
-
-
-def _on_cpu() -> bool:
-    import jax
-
-    return jax.default_backend() == "cpu"
 
 
 def _message(err: BaseException) -> str:
