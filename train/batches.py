@@ -13,13 +13,13 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from omni_jax.model_inputs import AUDIO_CHUNK_BUCKET, next_power_of_two
 from omni_jax.models.audio_encoder import plan_audio_chunks
 from omni_jax.models.thinker import MultimodalAudio, MultimodalVision
 from omni_jax.models.vision_encoder import plan_vision
-from omni_jax.sharding import batch_sharding
+from omni_jax.sharding import batch_sharding, replicated
 
 TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids")
 _DTYPES = {"input_ids": np.int32, "targets": np.int32, "loss_mask": np.float32, "segment_ids": np.int32}
@@ -160,12 +160,12 @@ def split_microbatches(batch: Mapping[str, Any], k: int) -> list[dict]:
 
 def batch_shardings(host_batch: Mapping[str, Any], mesh: Mesh) -> dict:
     """NamedShardings for a stacked host batch: token arrays on the batch dim, encoder inputs replicated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
+    everywhere = replicated(mesh)
     out = {key: batch_sharding(mesh, 3, batch_axis=1) for key in TOKEN_KEYS}
     out["positions"] = batch_sharding(mesh, 4, batch_axis=2)
     for name in ("audio", "image", "video"):
         out[name] = None if host_batch.get(name) is None else jax.tree_util.tree_map(
-            lambda _: replicated, host_batch[name])
+            lambda _: everywhere, host_batch[name])
     return out
 
 

@@ -35,24 +35,6 @@ from train.step import Trainer, lr_schedule, make_optimizer, module_labels
 log = logging.getLogger(__name__)
 
 
-def initialize_distributed() -> None:
-    """jax.distributed from the environment: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID
-    (any cluster: e.g. several processes on one machine), else omni_jax.sharding's auto-detection (TPU pods).
-    JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo gives CPU devices cross-process collectives."""
-    if jax.distributed.is_initialized():
-        return
-    impl = os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION")
-    if impl:
-        jax.config.update("jax_cpu_collectives_implementation", impl)
-    address, count, index = (os.environ.get(k) for k in
-                             ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
-    if address and count and index is not None:
-        jax.distributed.initialize(address, num_processes=int(count), process_id=int(index))
-        log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-        return
-    maybe_initialize_distributed()
-
-
 class TrainingDiverged(RuntimeError):
     """K consecutive steps had a non-finite loss or gradient."""
 
@@ -250,7 +232,7 @@ def export_checkpoint(cfg: TrainConfig, config: OmniConfig, params_host: dict, o
 # ================================================================================================ loop
 def train(cfg: TrainConfig, workdir: str) -> dict:
     """Train (or resume) in `workdir`; returns a summary dict (final step, losses, eval results, paths)."""
-    initialize_distributed()
+    maybe_initialize_distributed()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     nproc = jax.process_count()

@@ -14,19 +14,27 @@ log = logging.getLogger(__name__)
 
 
 def maybe_initialize_distributed() -> None:
-    """Call `jax.distributed.initialize()` for multi-host runs.
+    """Call `jax.distributed.initialize()` for multi-process runs; single-process runs skip it.
 
-    On Cloud TPU pods the arguments are discovered automatically; elsewhere set JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES and JAX_PROCESS_ID (what `jax.distributed.initialize` reads). Single-host runs (none of
-    those set, and not on a multi-host TPU slice) skip it.
+    JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID name the processes explicitly (any cluster,
+    e.g. several processes on one machine); on Cloud TPU pods (or with JAX_COORDINATOR_ADDRESS alone) JAX
+    discovers the rest. JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo gives CPU devices cross-process collectives.
     """
     if jax.distributed.is_initialized():
         return
-    explicit = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    impl = os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION")
+    if impl:
+        jax.config.update("jax_cpu_collectives_implementation", impl)
+    address, count, index = (os.environ.get(k) for k in
+                             ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
     tpu_pod = os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
-    if explicit or tpu_pod:
+    if address and count and index is not None:
+        jax.distributed.initialize(address, num_processes=int(count), process_id=int(index))
+    elif address or tpu_pod:
         jax.distributed.initialize()
-        log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    else:
+        return
+    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
