@@ -2,6 +2,7 @@
 determinism, checkpointable iterator state, and a packed batch through the tiny Thinker."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,12 +18,16 @@ from omni_jax.data import records
 from omni_jax.data.conversation_builder import SKIP_REASONS
 from omni_jax.data.packing import collate
 from omni_jax.data.sample import Skip, process_record, rope_ids_for
+from omni_jax.data.talker_view import TalkerLayout
 from omni_jax.data.toy_task import CLASSES, OVERALL_CHANCE, TASKS, codec_pattern, toy_example
 from omni_jax.processing import Processor, write_qwen_tokenizer
 from omni_jax.processing.media import load_audio, load_image, load_video
 from omni_jax.processing.tokenizer import ENDOFTEXT_ID, IM_END_ID
 
 N_TRAIN, N_VAL = 20, 8
+# the talker view with the tiny config's ids (talker_view.py); Lt = L + 64 fits the toy rows of L = 256
+TALKER_LAYOUT = TalkerLayout(seq_len=320, speaker_bos=151870, tts_eos=151861, tts_pad=151859, codec_pad=8292,
+                             codec_bos=8293, codec_end=8294)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -216,9 +221,11 @@ def test_loss_mask_covers_exactly_the_assistant_replies(jsonl_data, processor):
 # ---------------------------------------------------------------------------------------------- packing
 def test_packed_rows_equal_unpacked_samples(toy, processor):
     samples = _samples_by_id(toy, processor)
-    batches, ids, counters = _epoch(toy, processor, seq_len=256, batch_size=2)
+    batches, ids, counters = _epoch(toy, processor, seq_len=256, batch_size=2, talker=TALKER_LAYOUT)
     assert counters["samples_packed"] == N_TRAIN and counters["skipped_too_long"] == 0
     assert sum(len(row) > 1 for b in ids for row in b) > 0  # rows really hold several samples
+    plain, plain_ids, _ = _epoch(toy, processor, seq_len=256, batch_size=2)  # no layout: no talker keys
+    assert not any(k.startswith("talker") for b in plain for k in b)
     for batch, rows in zip(batches, ids):
         order = [samples[i] for row in rows for i in row]  # row-major segment order
         for b, row in enumerate(rows):
@@ -250,11 +257,23 @@ def test_packed_rows_equal_unpacked_samples(toy, processor):
                 assert fmask[k].sum() == c.shape[1] and not feats[k, :, c.shape[1]:].any()
         else:
             assert "input_features" not in batch
-        for b, row in enumerate(rows):  # talker targets: each segment's codec pattern, in segment order
-            codes = batch["codec_targets"][b][batch["codec_segment_ids"][b] > 0]
-            np.testing.assert_array_equal(codes, np.concatenate([codec_pattern(samples[i]["answer"]) for i in row]))
-            segs = batch["codec_segment_ids"][b][batch["codec_segment_ids"][b] > 0]
-            np.testing.assert_array_equal(segs, np.repeat(np.arange(1, len(row) + 1), len(codec_pattern("x"))))
+        for b, row in enumerate(rows):  # talker targets: each segment's codec pattern + end, in segment order
+            loss_at = batch["talker_loss_mask"][b] > 0
+            end = TALKER_LAYOUT.codec_end
+            np.testing.assert_array_equal(batch["talker_targets"][b][loss_at], np.concatenate(
+                [np.append(codec_pattern(samples[i]["answer"]), end) for i in row]))
+            segs = batch["talker_segment_ids"][b][loss_at]
+            np.testing.assert_array_equal(segs, np.repeat(np.arange(1, len(row) + 1), len(codec_pattern("x")) + 1))
+            # the first loss position of a segment is its y_1 + codec bos, right after the speaker bos
+            first = np.flatnonzero(loss_at & (np.diff(np.concatenate([[0], loss_at.astype(int)])) > 0))
+            assert (batch["talker_thinker_ids"][b][first - 1] == TALKER_LAYOUT.speaker_bos).all()
+            assert (batch["talker_codec_ids"][b][first] == TALKER_LAYOUT.codec_bos).all()
+            # talker rows hold the prompt's H (+ E but at media placeholders) and never reach past the thinker row
+            used = batch["talker_hidden_from"][b][batch["talker_hidden_from"][b] >= 0]
+            assert (batch["segment_ids"][b][used] > 0).all()
+            embed_from = batch["talker_embed_from"][b][batch["talker_embed_from"][b] >= 0]
+            assert not np.isin(batch["input_ids"][b][embed_from], TALKER_LAYOUT.placeholder_ids).any()
+        assert (batch["talker_hidden_from"] != batch["talker_embed_from"]).any()  # placeholders are in the prompts
         for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
             parts = [s[key] for s in order if key in s]
             if parts:
@@ -320,7 +339,8 @@ def test_shards_are_disjoint_and_cover_the_set(toy, processor):
 
 def test_iterator_state_restores_the_same_batches(toy, processor):
     def fresh():
-        return make_train_iterator(toy, processor=processor, seq_len=160, batch_size=2, seed=3)  # endless
+        return make_train_iterator(toy, processor=processor, seq_len=160, batch_size=2, seed=3,  # endless
+                                   talker=dataclasses.replace(TALKER_LAYOUT, seq_len=190))
 
     it = fresh()
     for _ in range(4):  # 20 samples, ~3-4 per batch: crosses into the second epoch soon after
@@ -328,6 +348,7 @@ def test_iterator_state_restores_the_same_batches(toy, processor):
     state = it.get_state()
     state = json.loads(json.dumps(state))  # plain ints: fits grain's / Orbax's JSON checkpoint
     expected = [next(it) for _ in range(5)]
+    assert all("talker_targets" in e for e in expected)
     expected_counters = dict(it.counters)
     it2 = fresh()
     it2.set_state(state)

@@ -269,3 +269,157 @@ def test_nonfinite_run_stops_with_checkpoints_intact(tmp_path):
     assert sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == [3]
     losses = _losses(tmp_path)
     assert all(np.isfinite(v) for s, v in losses if s <= 4) and not np.isfinite(losses[-1][1])
+
+
+# ================================================================================================ talker loss
+def _talker_samples(seed=0):
+    """Text-only samples shaped as sample.process_record makes them: prompt, a reply of n tokens ending with
+    <|im_end|>, a trailing newline, codec targets; reply/codec lengths chosen so that the reply stream R
+    covers real states, tts_eos and tts_pad (m > n - 1) and real states only (m < n - 2), and one sample has
+    no codec (no talker tokens)."""
+    from omni_jax.processing.tokenizer import IM_END_ID
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, (P, n, m) in enumerate([(7, 2, 12), (11, 4, 6), (5, 8, 3), (9, 3, 0), (6, 3, 9)]):
+        ids = np.concatenate([rng.integers(100, 5000, P), rng.integers(100, 5000, n - 1), [IM_END_ID, 198]])
+        mask = np.zeros(len(ids), bool)
+        mask[P:P + n] = True
+        out.append({"id": f"t{i}", "input_ids": ids.astype(np.int32), "assistant_mask": mask,
+                    "positions": np.broadcast_to(np.arange(len(ids)), (3, len(ids))).astype(np.int32).copy(),
+                    "codec": rng.integers(0, 8192, m).astype(np.int32), "audio_features": []})
+    return out
+
+
+@pytest.fixture(scope="module")
+def talker_model(model):
+    from omni_jax.init_model import DEMO_VOICES
+    from omni_jax.data.talker_view import TalkerLayout
+    from omni_jax.models.talker import Talker, init_talker
+
+    cfg, thinker, params = model
+    talker = Talker(cfg.talker, RuntimeOptions())
+    talker_params = nn.meta.unbox(jax.jit(lambda r: init_talker(talker, r))(jax.random.key(1)))["params"]
+    layout = TalkerLayout.from_config(cfg.talker, seq_len=96, speaker_bos=DEMO_VOICES["Chelsie"])
+    return cfg, thinker, talker, {**params, "talker": jax.device_get(talker_params)}, layout
+
+
+def _reference_talker_loss(cfg, thinker, talker, params, sample, layout):
+    """Talker loss sum of one sample along the generation code path: thinker forward on the sample alone,
+    speech.build_talker_inputs (prefill + reply stream), the codec targets fed back as talker_decode does
+    (codec_embed(c_k) + reply[min(k-1, N-1)]), positions by rope_index(config=talker) as OmniModel._talk."""
+    import jax.numpy as jnp
+
+    from omni_jax.data.talker_view import reply_span
+    from omni_jax.models.talker import Talker
+    from omni_jax.processing.tmrope import rope_index
+    from omni_jax.processing.tokenizer import ENDOFTEXT_ID, IM_END_ID
+    from omni_jax.speech import build_talker_inputs
+    from train.step import token_losses
+
+    ids = sample["input_ids"][None]
+    out = thinker.apply({"params": params["thinker"]}, ids, sample["positions"][:, None], np.ones_like(ids))
+    P, n = reply_span(sample)
+    codes = np.asarray(sample["codec"])
+    m = len(codes)
+    embed = lambda x: thinker.apply({"params": params["thinker"]}, x, method=Thinker.embed)  # noqa: E731
+    codec_embed = lambda x: talker.apply({"params": params["talker"]}, x, method=Talker.embed_codec)  # noqa: E731
+    t = cfg.talker
+    prefill, reply = build_talker_inputs(
+        embed, codec_embed, ids[:, :P], out.inputs_embeds[:, :P], out.hidden_states[:, :P], ids[:, P:P + n],
+        out.hidden_states[:, P:P + n], n, jnp.array([layout.speaker_bos]),
+        placeholder_ids=(t.audio_token_index, t.image_token_index, t.video_token_index),
+        thinker_eos_ids=(IM_END_ID, ENDOFTEXT_ID), tts_eos=t.tts_text_end_token_id, tts_pad=t.tts_text_pad_token_id,
+        codec_pad=t.tts_codec_pad_token_id, codec_bos=t.tts_codec_start_token_id)
+    steps = codec_embed(codes[None]) + reply[:, np.minimum(np.arange(m), n - 1)]  # [1, m, E]
+    inputs = jnp.concatenate([prefill, steps], axis=1)  # [1, P+2+m, E]
+    text_ids = np.concatenate([ids[:, :P], [[layout.speaker_bos]], ids[:, P:P + 1]], axis=1)
+    positions, deltas = rope_index(text_ids, None, config=t)
+    first = P + 2 + int(deltas[0])
+    positions = np.concatenate([positions, np.broadcast_to(first + np.arange(m), (3, 1, m))], axis=2)
+    logits = talker.apply({"params": params["talker"]}, inputs, positions, np.ones(inputs.shape[:2], np.int32)).logits
+    targets = np.append(codes, t.tts_codec_end_token_id)[None]
+    return float(token_losses(logits[:, P + 1:], targets, np.ones_like(targets, np.float32)).sum()), m + 1
+
+
+def test_talker_loss_matches_the_generation_layout_packed_and_unpacked(talker_model):
+    """(a) The step's talker loss on a packed batch (talker_view.collate_talker + train.step gathers) equals the
+    sum over its samples of the teacher-forced loss built by the generation code (speech.build_talker_inputs,
+    rope_index over [prompt, speaker bos, y_1], +1 per codec), so training and generation cannot drift apart;
+    (b) packed rows equal one sample per row. float32 throughout; the packed thinker attends over a longer
+    masked row and sums in another order (~1e-7 relative per op): rtol 1e-5 on sums of ~40 token losses."""
+    from omni_jax.data.packing import collate
+    from train.step import losses_with_talker
+
+    cfg, thinker, talker, params, layout = talker_model
+    samples = _talker_samples()
+    fn = jax.jit(lambda p, b: losses_with_talker(thinker, talker, p, b))
+    ref_sum, ref_tokens = 0.0, 0
+    for s in samples:
+        if len(s["codec"]):
+            loss, count = _reference_talker_loss(cfg, thinker, talker, params, s, layout)
+            ref_sum, ref_tokens = ref_sum + loss, ref_tokens + count
+    packed = collate([samples[:3], samples[3:]], seq_len=64, talker=layout)
+    unpacked = collate([[s] for s in samples], seq_len=64, talker=layout)
+    assert packed["talker_segment_ids"][1].max() == 2  # row 1: sample 3 (no codec) is segment 1, then 4
+    for batch in (packed, unpacked):
+        _, _, talker_sum, talker_tokens = fn(params, {k: v for k, v in batch.items() if k != "num_samples"})
+        assert float(talker_tokens) == ref_tokens == sum(len(s["codec"]) + 1 for s in samples if len(s["codec"]))
+        np.testing.assert_allclose(float(talker_sum), ref_sum, rtol=1e-5)
+    with pytest.raises(ValueError, match="row 0 .*talker seq_len 40"):
+        collate([samples[:3]], seq_len=64, talker=type(layout)(**{**layout.__dict__, "seq_len": 40}))
+
+
+def _talker_trainer(thinker, talker, params, freeze=(), lr=1e-2, mesh_shape=None):
+    mesh_shape = mesh_shape or {"fsdp": 2}
+    n = int(np.prod(list(mesh_shape.values())))
+    mesh = make_mesh(mesh_shape, devices=jax.devices()[:n])
+    optimizer = make_optimizer(OptimSection(learning_rate=lr, warmup_steps=0), 10, module_labels(params, freeze))
+    return Trainer(thinker, optimizer, mesh, max_loss_tokens=32, talker=talker, talker_loss_weight=0.5)
+
+
+def test_talker_accumulation_freezing_and_checkpoint_resume(talker_model, tmp_path):
+    """(c) 2 accumulated microbatches equal the big batch with the talker loss (params after a step, losses);
+    (d) freezing "talker" keeps its params bit-identical while the thinker moves; (e) a checkpoint of the
+    state with the talker restores bit-exact and continues to the same params as an uninterrupted run.
+    Tolerances as test_sharded_and_accumulated_steps_equal_single_device (Adam's element-wise first step)."""
+    from omni_jax.data.packing import collate
+    from train.checkpointing import Checkpoints
+
+    cfg, thinker, talker, params, layout = talker_model
+    samples = _talker_samples()
+    batch = collate([samples[:2], samples[2:3], samples[3:4], samples[4:]], seq_len=48, talker=layout)
+    assert float(batch["talker_loss_mask"][2].sum()) == 0  # row 2 has no codec sample: empty view
+
+    def run(trainer, state, k=1):
+        state, m = trainer.step(state, to_global(stack_microbatches(split_microbatches(batch, k), cfg.thinker),
+                                                 trainer.mesh))
+        return state, {key: float(m[key]) for key in ("loss", "thinker_loss", "talker_loss")}
+
+    trainer = _talker_trainer(thinker, talker, params)
+    state, ref = run(trainer, trainer.init_state(params))
+    one = jax.device_get(state.params)
+    ckpts = Checkpoints(str(tmp_path / "ckpt"), 1, 2, async_save=False)  # (e) saved as the loop does
+    try:
+        ckpts.save(1, state, synthetic_data.make_train_iterator(seq_len=16, batch_size=1, seed=0), {"step": 1})
+        restored = ckpts.restore_state(1, trainer.abstract_state)
+    finally:
+        ckpts.close()
+    assert _max_diff(jax.device_get(restored.params), one) == 0.0
+    state, second = run(trainer, state)
+    resumed, second_resumed = run(trainer, restored)
+    assert second_resumed == second and _max_diff(jax.device_get(resumed.params), jax.device_get(state.params)) == 0
+    assert ref["talker_loss"] > 0 and second["talker_loss"] < ref["talker_loss"]
+    np.testing.assert_allclose(ref["loss"], ref["thinker_loss"] + 0.5 * ref["talker_loss"], rtol=1e-6)
+    assert _max_diff(one["talker"], params["talker"]) > 0  # the talker trains
+
+    acc_state, acc = run(trainer, trainer.init_state(params), k=2)  # (c)
+    np.testing.assert_allclose([acc[k] for k in sorted(acc)], [ref[k] for k in sorted(ref)], rtol=2e-6)
+    got = jax.device_get(acc_state.params)
+    assert _max_diff(got, one) < 1e-4 and _relative_update_error(got, one, params) < 1e-4
+
+    frozen_trainer = _talker_trainer(thinker, talker, params, freeze=("talker",))  # (d)
+    frozen_state, _ = run(frozen_trainer, frozen_trainer.init_state(params))
+    frozen = jax.device_get(frozen_state.params)
+    assert _max_diff(frozen["talker"], params["talker"]) == 0.0
+    assert _max_diff(frozen["thinker"]["decoder"], params["thinker"]["decoder"]) > 0

@@ -1,11 +1,13 @@
 """Host side of a train step: pipeline batches (numpy, the data contract) -> stacked microbatches on the mesh.
 
 A pipeline batch (see docs/data.md) has `input_ids`, `targets`, `loss_mask`, `segment_ids` [B, L],
-`positions` [3, B, L] (per-segment TMRoPE), and optional media arrays with HF processor names, concatenated
-over the batch's samples in placeholder order. Here each microbatch gets its encoder plans (audio chunks,
-vision windows), the k microbatches of one step are padded to common encoder shapes and stacked on a leading
-[k] axis (the train step scans over it), and the result becomes global jax.Arrays: token arrays sharded on
-the batch dimension, encoder inputs replicated.
+`positions` [3, B, L] (per-segment TMRoPE), optional media arrays with HF processor names, concatenated
+over the batch's samples in placeholder order, and optionally the talker view (talker_* [B, Lt],
+talker_positions [3, B, Lt]; omni_jax/data/talker_view.py). When one microbatch of a step has the talker
+view, the others get an empty one (no talker loss tokens), so the step has one structure.
+Here each microbatch gets its encoder plans (audio chunks, vision windows), the k microbatches of one step
+are padded to common encoder shapes and stacked on a leading [k] axis (the train step scans over it), and
+the result becomes global jax.Arrays: token arrays sharded on the batch dimension, encoder inputs replicated.
 """
 from __future__ import annotations
 
@@ -15,14 +17,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from omni_jax.data.talker_view import TALKER_KEYS, empty_view
 from omni_jax.model_inputs import AUDIO_CHUNK_BUCKET, next_power_of_two
 from omni_jax.models.audio_encoder import plan_audio_chunks
 from omni_jax.models.thinker import MultimodalAudio, MultimodalVision
 from omni_jax.models.vision_encoder import plan_vision
 from omni_jax.sharding import batch_sharding, replicated
 
-TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids")
-_DTYPES = {"input_ids": np.int32, "targets": np.int32, "loss_mask": np.float32, "segment_ids": np.int32}
+TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids") + TALKER_KEYS  # [k, B, L] / [k, B, Lt]
+POSITION_KEYS = ("positions", "talker_positions")  # [k, 3, B, L] / [k, 3, B, Lt]
+_DTYPES = {**{key: np.int32 for key in TOKEN_KEYS}, "loss_mask": np.float32, "talker_loss_mask": np.float32}
 
 
 def _count(ids: np.ndarray, token_id: int) -> int:
@@ -91,16 +95,25 @@ def stack_microbatches(micro: Sequence[Mapping[str, Any]], thinker_config,
     cfg = thinker_config
     media_buckets = dict(media_buckets or {})
     out: dict[str, Any] = {}
+    talker = [m for m in micro if m.get("talker_targets") is not None]
+    if talker:  # microbatches without codec samples get an empty talker view of the same shape
+        rows, talker_len = np.shape(talker[0]["talker_targets"])
+        micro = [m if m.get("talker_targets") is not None else {**m, **empty_view(rows, talker_len)} for m in micro]
     for key in TOKEN_KEYS:
+        if key.startswith("talker_") and not talker:
+            continue
         arrays = [np.asarray(m[key]).astype(_DTYPES[key]) for m in micro]
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
             raise ValueError(f"microbatches of one step have different {key} shapes {sorted(shapes)}")
         out[key] = np.stack(arrays)  # [k, B, L]
-    out["positions"] = np.stack([np.asarray(m["positions"]).astype(np.int32) for m in micro])  # [k, 3, B, L]
-    if out["positions"].shape[1:] != (3,) + out["input_ids"].shape[1:]:
-        raise ValueError(f"positions have shape {out['positions'].shape[1:]}; expected [3, B, L] = "
-                         f"{(3,) + out['input_ids'].shape[1:]}")
+    for key, length_key in zip(POSITION_KEYS, ("input_ids", "talker_targets")):
+        if key not in micro[0]:
+            continue
+        out[key] = np.stack([np.asarray(m[key]).astype(np.int32) for m in micro])  # [k, 3, B, L]
+        if out[key].shape[1:] != (3,) + out[length_key].shape[1:]:
+            raise ValueError(f"{key} have shape {out[key].shape[1:]}; expected [3, B, L] = "
+                             f"{(3,) + out[length_key].shape[1:]}")
 
     audio = [_audio_chunks(m, cfg) for m in micro]
     out["audio"] = None
@@ -152,8 +165,10 @@ def split_microbatches(batch: Mapping[str, Any], k: int) -> list[dict]:
     n = rows // k
     out = []
     for i in range(k):
-        m = {key: np.asarray(batch[key])[i * n:(i + 1) * n] for key in TOKEN_KEYS}
-        m["positions"] = np.asarray(batch["positions"])[:, i * n:(i + 1) * n]
+        m = {key: np.asarray(batch[key])[i * n:(i + 1) * n] for key in TOKEN_KEYS if key in batch}
+        for key in POSITION_KEYS:
+            if key in batch:
+                m[key] = np.asarray(batch[key])[:, i * n:(i + 1) * n]
         out.append(m)
     return out
 
@@ -161,8 +176,8 @@ def split_microbatches(batch: Mapping[str, Any], k: int) -> list[dict]:
 def batch_shardings(host_batch: Mapping[str, Any], mesh: Mesh) -> dict:
     """NamedShardings for a stacked host batch: token arrays on the batch dim, encoder inputs replicated."""
     everywhere = replicated(mesh)
-    out = {key: batch_sharding(mesh, 3, batch_axis=1) for key in TOKEN_KEYS}
-    out["positions"] = batch_sharding(mesh, 4, batch_axis=2)
+    out = {key: batch_sharding(mesh, 3, batch_axis=1) for key in TOKEN_KEYS if key in host_batch}
+    out.update({key: batch_sharding(mesh, 4, batch_axis=2) for key in POSITION_KEYS if key in host_batch})
     for name in ("audio", "image", "video"):
         out[name] = None if host_batch.get(name) is None else jax.tree_util.tree_map(
             lambda _: everywhere, host_batch[name])
@@ -181,7 +196,7 @@ def to_global(host_batch: Mapping[str, Any], mesh: Mesh) -> dict:
     for key, value in host_batch.items():
         if value is None:
             out[key] = None
-        elif key in TOKEN_KEYS or key == "positions":
+        elif key in TOKEN_KEYS or key in POSITION_KEYS:
             axis = 1 if key in TOKEN_KEYS else 2
             shape = list(value.shape)
             shape[axis] *= nproc

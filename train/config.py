@@ -36,6 +36,7 @@ class DataSection:
     split: str = "train"
     eval_split: str = "validation"
     seq_len: int = 256  # L of every row
+    talker_seq_len: int = 0  # Lt of every talker row (talker loss only); 0 = seq_len + 32
     batch_size: int = 8  # global rows per optimizer step (all hosts, all microbatches)
     grad_accum: int = 1  # microbatches per step (lax.scan); batch_size % (grad_accum * processes) == 0
     # fixed encoder input sizes (train.batches.stack_microbatches): {audio_chunks, image_patches, video_patches}
@@ -44,6 +45,10 @@ class DataSection:
 
     def pipeline_config(self, split: Optional[str] = None) -> dict:
         return {"dataset": self.dataset, "split": split or self.split, **dict(self.pipeline)}
+
+    @property
+    def talker_length(self) -> int:
+        return self.talker_seq_len or self.seq_len + 32
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,11 @@ class TrainSection:
     export_on_finish: bool = True  # write WORKDIR/final (an omni_jax checkpoint dir: generate / export)
     max_loss_tokens: int = 0  # > 0: lm_head only at the loss positions, at most this many per microbatch
     peak_flops: float = 0.0  # per device, for MFU; 0 = measure a matmul at start
+    # Talker codec loss (needs a model with a talker and data with codec targets: omni_toy). loss = thinker
+    # loss + talker_loss_weight * talker loss; 0 = train the thinker only (the talker is exported untouched).
+    talker_loss_weight: float = 0.0
+    talker_thinker_grad: bool = False  # let the talker loss reach the thinker through H/E (else stop_gradient)
+    talker_speaker: str = "Chelsie"  # voice whose speaker bos starts the talker ("" = the first voice)
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,10 @@ class TrainConfig:
             section = self.train if name == "steps" else self.data
             if getattr(section, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(section, name)}")
+        if self.train.talker_loss_weight < 0:
+            raise ValueError(f"train.talker_loss_weight must be >= 0, got {self.train.talker_loss_weight}")
+        if self.data.talker_seq_len < 0:
+            raise ValueError(f"data.talker_seq_len must be >= 0, got {self.data.talker_seq_len}")
         unknown = set(self.mesh) - {"data", "fsdp", "tensor"}
         if unknown:
             raise ValueError(f"mesh: unknown axes {sorted(unknown)}; expected data, fsdp, tensor")

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from omni_jax.config import OmniConfig, RuntimeOptions, apply_overrides
+from omni_jax.models.talker import Talker, init_talker
 from omni_jax.models.thinker import Thinker, init_thinker
 from omni_jax.sharding import make_mesh, maybe_initialize_distributed
 from train.batches import stack_microbatches, to_global
@@ -62,6 +63,60 @@ def _initial_params(cfg: TrainConfig, config: OmniConfig, thinker: Thinker) -> d
     return {"thinker": nn.meta.unbox(variables)["params"]}
 
 
+def _train_talker(cfg: TrainConfig, config: OmniConfig) -> bool:
+    """Whether this run trains the talker (train.talker_loss_weight > 0); a clear error when it cannot."""
+    if cfg.train.talker_loss_weight <= 0:
+        return False
+    if config.talker is None or config.token2wav is None or not config.enable_audio_output:
+        raise ValueError("train.talker_loss_weight > 0 needs a model with a talker (talker_config and "
+                         "enable_audio_output); this one has none; set train.talker_loss_weight=0")
+    if cfg.data.dataset != "omni_toy":
+        raise ValueError(f"train.talker_loss_weight > 0 needs codec targets, which only omni_toy records carry "
+                         f"(data.dataset is {cfg.data.dataset!r}); set train.talker_loss_weight=0")
+    return True
+
+
+def _initial_talker(cfg: TrainConfig, config: OmniConfig, talker: Talker):
+    """Talker params: from model.init_from, or the random init `init_model.init_params` gives (model.seed)."""
+    src = cfg.model.init_from
+    if src:
+        from omni_jax.checkpoint import load_params
+        from omni_jax.hf_mapping import load_hf_params
+
+        if os.path.exists(os.path.join(src, "omni_jax.json")):
+            params = load_params(os.path.join(src, "params"))
+        else:
+            params = load_hf_params(src, config, thinker_only=False)
+        if "talker" not in params:
+            raise ValueError(f"model.init_from {src} has no talker weights (thinker-only?); the talker loss "
+                             "needs them (or set train.talker_loss_weight=0)")
+        return params["talker"]
+    key = jax.random.split(jax.random.key(cfg.model.seed), 4)[1]  # the talker's key in init_model.init_params
+    return nn.meta.unbox(jax.jit(lambda rng: init_talker(talker, rng))(key))["params"]
+
+
+def _voices(cfg: TrainConfig, config: OmniConfig) -> dict:
+    """The voices the exported checkpoint will carry: model.init_from's, or the random demo voices."""
+    from omni_jax.init_model import random_voices
+    from omni_jax.voices import read_voices
+
+    src = cfg.model.init_from
+    return read_voices(src) if src else random_voices(config, cfg.model.seed)
+
+
+def _talker_layout(cfg: TrainConfig, config: OmniConfig):
+    """The packer's TalkerLayout: Lt = data.talker_seq_len, speaker bos of train.talker_speaker."""
+    from omni_jax.data.talker_view import TalkerLayout
+
+    voices = _voices(cfg, config)
+    if not voices:
+        raise ValueError(f"the talker loss needs a voice (its speaker bos id); {cfg.model.init_from} has none")
+    name = cfg.train.talker_speaker or next(iter(voices))
+    if name not in voices:
+        raise ValueError(f"train.talker_speaker {name!r} is not a voice of this model; known: {sorted(voices)}")
+    return TalkerLayout.from_config(config.talker, cfg.data.talker_length, voices[name].bos_token)
+
+
 def _processor(cfg: TrainConfig, workdir: str):
     from omni_jax.processing.processor import Processor
     from omni_jax.processing.tokenizer import write_qwen_tokenizer
@@ -97,7 +152,8 @@ def host_params(params: Any) -> Any:
 
 
 # ================================================================================================ data
-def _data_iterator(cfg: TrainConfig, processor, micro_rows: int, split: str, num_epochs=None, seed=None):
+def _data_iterator(cfg: TrainConfig, processor, micro_rows: int, split: str, num_epochs=None, seed=None,
+                   talker=None):
     seed = cfg.train.seed if seed is None else seed
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     if cfg.data.dataset == "synthetic_count":
@@ -109,7 +165,8 @@ def _data_iterator(cfg: TrainConfig, processor, micro_rows: int, split: str, num
     from omni_jax.data.pipeline import make_dataset
 
     return iter(make_dataset(cfg.data.pipeline_config(split), processor=processor, seq_len=cfg.data.seq_len,
-                             batch_size=micro_rows, seed=seed, num_epochs=num_epochs, split=split, **shard))
+                             batch_size=micro_rows, seed=seed, num_epochs=num_epochs, split=split, talker=talker,
+                             **shard))
 
 
 def _check_loss_tokens(micro: list, cap: int, step: int) -> None:
@@ -124,19 +181,23 @@ def _check_loss_tokens(micro: list, cap: int, step: int) -> None:
 
 
 # ================================================================================================ eval
-def _eval_loss(cfg, trainer, state, processor, thinker_config, micro_rows, mesh) -> Optional[float]:
+def _eval_loss(cfg, trainer, state, processor, thinker_config, micro_rows, mesh, talker=None) -> dict:
+    """{"eval_loss": thinker loss, "eval_talker_loss": talker loss (when trained)} over eval.num_batches."""
     if cfg.eval.num_batches <= 0:
-        return None
-    it = _data_iterator(cfg, processor, micro_rows, cfg.data.eval_split, num_epochs=None, seed=cfg.train.seed + 1)
-    loss_sum = tokens = 0.0
+        return {}
+    it = _data_iterator(cfg, processor, micro_rows, cfg.data.eval_split, num_epochs=None, seed=cfg.train.seed + 1,
+                        talker=talker)
+    sums = {"loss_sum": 0.0, "tokens": 0.0, "talker_loss_sum": 0.0, "talker_tokens": 0.0}
     for i in range(cfg.eval.num_batches):
         micro = [next(it)]
         _check_loss_tokens(micro, cfg.train.max_loss_tokens, -1)
         batch = to_global(stack_microbatches(micro, thinker_config, cfg.data.media_buckets), mesh)
-        out = trainer.eval_loss_sums(state.params, batch)
-        loss_sum += float(out["loss_sum"])
-        tokens += float(out["tokens"])
-    return loss_sum / max(tokens, 1.0)
+        for key, value in trainer.eval_loss_sums(state.params, batch).items():
+            sums[key] += float(value)
+    out = {"eval_loss": sums["loss_sum"] / max(sums["tokens"], 1.0)}
+    if sums["talker_tokens"]:
+        out["eval_talker_loss"] = sums["talker_loss_sum"] / sums["talker_tokens"]
+    return out
 
 
 def _eval_accuracy(cfg, params_host, config, processor, examples) -> Optional[dict]:
@@ -178,9 +239,10 @@ def _eval_examples(cfg) -> list:
 # ================================================================================================ export
 def export_checkpoint(cfg: TrainConfig, config: OmniConfig, params_host: dict, out_dir: str, tokenizer_dir: str):
     """An omni_jax checkpoint dir (config.json, params/, omni_jax.json, tokenizer, voices) with the trained
-    thinker, loadable by OmniModel.from_pretrained / `omni-jax generate` and exportable by `omni-jax export`.
-    Parts not trained here (talker, token2wav, voices) come from model.init_from, or are random (model.seed)
-    for a random-init run whose config has speech output."""
+    thinker (and talker, when params_host has one), loadable by OmniModel.from_pretrained / `omni-jax generate`
+    and exportable by `omni-jax export`. Parts not trained here (talker without the talker loss, token2wav,
+    voices) come from model.init_from, or are random (model.seed) for a random-init run whose config has
+    speech output."""
     from omni_jax.checkpoint import load_params, save_params
 
     params = {"thinker": params_host["thinker"]}
@@ -202,6 +264,8 @@ def export_checkpoint(cfg: TrainConfig, config: OmniConfig, params_host: dict, o
 
         full = init_params(config, cfg.model.seed)
         params.update({k: v for k, v in full.items() if k != "thinker"})
+    if "talker" in params_host:  # trained here
+        params["talker"] = params_host["talker"]
     speech = "talker" in params
     tmp = out_dir + ".tmp"
     if jax.process_index() == 0 and os.path.exists(tmp):
@@ -254,17 +318,27 @@ def train(cfg: TrainConfig, workdir: str) -> dict:
     if (cfg.data.batch_size // k) % rows_per_shard:
         raise ValueError(f"microbatch of {cfg.data.batch_size // k} rows does not split over data x fsdp = "
                          f"{rows_per_shard} devices")
-    abstract = nn.meta.unbox(jax.eval_shape(lambda: init_thinker(thinker, jax.random.key(0)))["params"])
-    labels = module_labels({"thinker": abstract}, cfg.train.freeze)
+    abstract = {"thinker": nn.meta.unbox(jax.eval_shape(lambda: init_thinker(thinker, jax.random.key(0)))["params"])}
+    talker = layout = None
+    if _train_talker(cfg, config):
+        talker = Talker(config.talker, options)
+        abstract["talker"] = nn.meta.unbox(jax.eval_shape(lambda: init_talker(talker, jax.random.key(0)))["params"])
+        layout = _talker_layout(cfg, config)
+    labels = module_labels(abstract, cfg.train.freeze)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps, labels)
-    trainer = Trainer(thinker, optimizer, mesh, max_loss_tokens=cfg.train.max_loss_tokens)
+    trainer = Trainer(thinker, optimizer, mesh, max_loss_tokens=cfg.train.max_loss_tokens, talker=talker,
+                      talker_loss_weight=cfg.train.talker_loss_weight,
+                      talker_thinker_grad=cfg.train.talker_thinker_grad)
     processor, tokenizer_dir = _processor(cfg, workdir)
-    data = _data_iterator(cfg, processor, micro_rows, cfg.data.split)
+    data = _data_iterator(cfg, processor, micro_rows, cfg.data.split, talker=layout)
 
     ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
     start = ckpts.latest_step()
     if start is None:
-        state = trainer.init_state(_initial_params(cfg, config, thinker), seed=cfg.train.seed)
+        params = _initial_params(cfg, config, thinker)
+        if talker is not None:
+            params["talker"] = _initial_talker(cfg, config, talker)
+        state = trainer.init_state(params, seed=cfg.train.seed)
         start = 0
         log.info("starting from step 0")
     else:
@@ -288,9 +362,8 @@ def train(cfg: TrainConfig, workdir: str) -> dict:
 
     def run_eval(step: int):
         record = {"step": step}
-        eval_loss = _eval_loss(cfg, trainer, state, processor, config.thinker, cfg.data.batch_size // nproc, mesh)
-        if eval_loss is not None:
-            record["eval_loss"] = eval_loss
+        record.update(_eval_loss(cfg, trainer, state, processor, config.thinker, cfg.data.batch_size // nproc, mesh,
+                                 talker=layout))
         if examples:
             record.update(_eval_accuracy(cfg, host_params(state.params), config, processor, examples) or {})
         if len(record) > 1:
@@ -310,7 +383,9 @@ def train(cfg: TrainConfig, workdir: str) -> dict:
         now = time.perf_counter()
         dt, last_time = now - last_time, now
         tokens = cfg.data.batch_size * cfg.data.seq_len
-        record = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+        record = {"step": step, "loss": float(m["loss"]),
+                  **{key: float(m[key]) for key in ("thinker_loss", "talker_loss") if key in m},
+                  "grad_norm": float(m["grad_norm"]),
                   "lr": float(schedule(step - 1)), "loss_tokens": float(m["tokens"]), "step_time_s": dt,
                   "tokens_per_s": tokens / dt}
         if peak_total:
@@ -322,7 +397,11 @@ def train(cfg: TrainConfig, workdir: str) -> dict:
             metrics.write(record)
         if summary["first_loss"] is None:
             summary["first_loss"] = record["loss"]
+            if "talker_loss" in record:
+                summary["first_talker_loss"] = record["talker_loss"]
         summary["last_loss"] = record["loss"]
+        if "talker_loss" in record:
+            summary["last_talker_loss"] = record["talker_loss"]
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", step_s=f"{dt:.2f}", tok_s=f"{tokens / dt:.0f}",

@@ -1,17 +1,24 @@
-"""The train step: thinker next-token loss, gradient accumulation, AdamW, freezing, NaN/inf skipping.
+"""The train step: thinker next-token loss (+ talker codec loss), gradient accumulation, AdamW, freezing,
+NaN/inf skipping.
 
-    trainer = Trainer(thinker, optimizer, mesh)
+    trainer = Trainer(thinker, optimizer, mesh)                    # thinker only, or
+    trainer = Trainer(thinker, optimizer, mesh, talker=Talker(...), talker_loss_weight=1.0)
     state = trainer.init_state(params, rng)           # params placed on the mesh, optimizer state beside them
     state, metrics = trainer.step(state, batch)       # batch: train.batches.to_global(...) ([k, B, L] leaves)
 
-The loss is sum(cross-entropy * loss_mask) / sum(loss_mask) over the whole step (all k microbatches), so k
-accumulated microbatches give the gradient of the one big batch. Cross-entropy is computed in float32.
+The thinker loss is sum(cross-entropy * loss_mask) / sum(loss_mask) over the whole step (all k microbatches),
+so k accumulated microbatches give the gradient of the one big batch. Cross-entropy is computed in float32.
+With a talker and a batch that carries the talker view (omni_jax/data/talker_view.py), the talker is run
+teacher-forced on the thinker's hidden states H and merged embeddings E exactly as generation feeds it, and
+loss = thinker loss + talker_loss_weight * talker loss, each normalised by its own token count over the whole
+step. H and E reach the talker through stop_gradient unless talker_thinker_grad (then the talker loss also
+trains the thinker).
 Master weights are `param_dtype` (float32); the model computes in `dtype` (e.g. bfloat16).
 A step whose loss or gradient is not finite leaves params and optimizer state untouched and is counted.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -20,6 +27,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from omni_jax.models.talker import Talker, init_talker
 from omni_jax.models.thinker import Thinker, init_thinker
 from omni_jax.sharding import logical_shardings, opt_state_shardings, rules_context
 
@@ -30,7 +38,7 @@ MODULE_OF = {"audio_tower": "audio_encoder", "visual": "vision_encoder"}
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # [] int32: optimizer steps taken (skipped non-finite steps included)
-    params: Any  # {"thinker": {...}} master weights
+    params: Any  # {"thinker": {...}} (+ "talker" when trained) master weights
     opt_state: Any
     rng: jax.Array  # [2] uint32 raw key data (the model has no dropout; kept for stochastic extensions)
     nonfinite_streak: jax.Array  # [] int32: consecutive non-finite steps
@@ -108,23 +116,88 @@ def thinker_loss_sum(thinker: Thinker, params: Mapping[str, Any], micro: Mapping
     return losses.sum(), micro["loss_mask"].astype(jnp.float32).sum()
 
 
+def _thinker_parts(module, micro, max_loss_tokens: int):
+    """Inside Thinker.apply: (loss sum, loss tokens, hidden [B, L, D], embeds [B, L, D], id_embeds [B, Lt, D]):
+    the thinker loss of `thinker_loss_sum` plus what the talker is built from (post-norm hidden states, merged
+    input embeddings, and the thinker embeddings of the talker view's thinker ids: speaker bos, tts_eos/pad)."""
+    embeds = module.embed_multimodal(micro["input_ids"], micro.get("audio"), micro.get("image"), micro.get("video"))
+    hidden, _ = module.decoder(embeds, micro["positions"], micro["segment_ids"], None)  # [B, L, D]
+    mask = micro["loss_mask"].astype(jnp.float32)
+    if max_loss_tokens:
+        dim = hidden.shape[-1]
+        flat_mask, targets = mask.reshape(-1), micro["targets"].reshape(-1)  # [B*L]
+        index = jnp.nonzero(flat_mask > 0, size=max_loss_tokens, fill_value=0)[0]  # [M]
+        valid = jnp.arange(max_loss_tokens) < jnp.sum(flat_mask > 0)
+        logits = module.lm_head(jnp.take(hidden.reshape(-1, dim), index, axis=0)[None])  # [1, M, V]
+        losses = token_losses(logits, targets[index][None], jnp.where(valid, flat_mask[index], 0.0)[None])
+    else:
+        losses = token_losses(module.lm_head(hidden), micro["targets"], mask)
+    id_embeds = module.embed(jnp.maximum(micro["talker_thinker_ids"], 0))  # [B, Lt, D]
+    return losses.sum(), mask.sum(), hidden, embeds, id_embeds
+
+
+def _gather_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [B, L, D] at index [B, Lt] (-1: zeros) -> [B, Lt, D]."""
+    got = jnp.take_along_axis(x, jnp.maximum(index, 0)[..., None], axis=1)
+    return jnp.where((index >= 0)[..., None], got, jnp.zeros((), x.dtype))
+
+
+def talker_inputs(talker: Talker, talker_params, hidden, embeds, id_embeds, micro) -> jax.Array:
+    """Teacher-forced talker inputs [B, Lt, E] (thinker space) from the talker view (talker_view.py):
+    H[hidden_from] + E[embed_from] + embed_thinker(thinker_ids) + codec_embed(codec_ids), each where >= 0."""
+    codec = talker.apply({"params": talker_params}, jnp.maximum(micro["talker_codec_ids"], 0),
+                         method=Talker.embed_codec)  # [B, Lt, E]
+    dtype = jnp.promote_types(hidden.dtype, codec.dtype)
+    zero = jnp.zeros((), dtype)
+    out = _gather_rows(hidden, micro["talker_hidden_from"]).astype(dtype)
+    out = out + _gather_rows(embeds, micro["talker_embed_from"]).astype(dtype)
+    out = out + jnp.where((micro["talker_thinker_ids"] >= 0)[..., None], id_embeds.astype(dtype), zero)
+    return out + jnp.where((micro["talker_codec_ids"] >= 0)[..., None], codec.astype(dtype), zero)
+
+
+def losses_with_talker(thinker: Thinker, talker: Talker, params, micro, max_loss_tokens: int = 0,
+                       thinker_grad: bool = False) -> tuple:
+    """(thinker loss sum, thinker tokens, talker loss sum, talker tokens) of one microbatch with talker keys."""
+    loss_sum, tokens, hidden, embeds, id_embeds = thinker.apply(
+        {"params": params["thinker"]}, micro, max_loss_tokens, method=_thinker_parts)
+    if not thinker_grad:
+        hidden, embeds, id_embeds = jax.lax.stop_gradient((hidden, embeds, id_embeds))
+    inputs = talker_inputs(talker, params["talker"], hidden, embeds, id_embeds, micro)  # [B, Lt, E]
+    out = talker.apply({"params": params["talker"]}, inputs, micro["talker_positions"], micro["talker_segment_ids"])
+    talker_losses = token_losses(out.logits, micro["talker_targets"], micro["talker_loss_mask"])  # [B, Lt]
+    return loss_sum, tokens, talker_losses.sum(), micro["talker_loss_mask"].astype(jnp.float32).sum()
+
+
+def has_talker_view(batch: Mapping[str, Any]) -> bool:
+    return batch.get("talker_targets") is not None
+
+
 def _tree_all_finite(tree) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 class Trainer:
-    """Jitted train and eval steps of the thinker on a mesh (params sharded by their logical axes)."""
+    """Jitted train and eval steps of the thinker (and talker) on a mesh (params sharded by their logical axes).
+
+    talker: a Talker module trains with its codec loss on batches that carry the talker view; params then
+    hold {"thinker", "talker"}. Batches without the view train the thinker only (the talker's gradient is 0)."""
 
     def __init__(self, thinker: Thinker, optimizer: optax.GradientTransformation, mesh: Mesh,
-                 max_loss_tokens: int = 0):
+                 max_loss_tokens: int = 0, talker: Optional[Talker] = None, talker_loss_weight: float = 1.0,
+                 talker_thinker_grad: bool = False):
         self.thinker = thinker
+        self.talker = talker
+        self.talker_loss_weight = float(talker_loss_weight)
+        self.talker_thinker_grad = bool(talker_thinker_grad)
         self.max_loss_tokens = int(max_loss_tokens)  # per microbatch; 0 = lm_head on every position
         self.optimizer = optimizer
         self.mesh = mesh
-        boxed = jax.eval_shape(lambda: init_thinker(thinker, jax.random.key(0)))["params"]
-        self.param_shardings = {"thinker": logical_shardings(boxed, mesh)}
-        abstract_params = {"thinker": nn.meta.unbox(boxed)}
+        boxed = {"thinker": jax.eval_shape(lambda: init_thinker(thinker, jax.random.key(0)))["params"]}
+        if talker is not None:
+            boxed["talker"] = jax.eval_shape(lambda: init_talker(talker, jax.random.key(0)))["params"]
+        self.param_shardings = {name: logical_shardings(tree, mesh) for name, tree in boxed.items()}
+        abstract_params = {name: nn.meta.unbox(tree) for name, tree in boxed.items()}
         abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
         replicated = NamedSharding(mesh, PartitionSpec())
         self.state_shardings = TrainState(
@@ -142,13 +215,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def init_state(self, params: Mapping[str, Any], seed: int = 0) -> TrainState:
-        """Place params ({"thinker": ...}, host or device arrays) on the mesh and build the optimizer state."""
+        """Place params ({"thinker": ...} (+ "talker"), host or device arrays) on the mesh and build the optimizer
+        state."""
         dtype = jnp.dtype(self.thinker.options.param_dtype)
+        missing = sorted(set(self.param_shardings) - set(params))
+        if missing:
+            raise ValueError(f"init_state: params have no {missing} (the trainer trains {sorted(self.param_shardings)})")
         # a fresh copy in param_dtype, placed in its shards (the train step donates the state; the caller's
         # arrays stay valid)
         with jax.set_mesh(self.mesh):
             params = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), p),
-                             out_shardings=self.param_shardings)({"thinker": params["thinker"]})
+                             out_shardings=self.param_shardings)({k: params[k] for k in self.param_shardings})
         with jax.set_mesh(self.mesh):
             opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings.opt_state)(params)
         replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -158,31 +235,55 @@ class Trainer:
                           nonfinite_streak=put(jnp.zeros((), jnp.int32)),
                           nonfinite_total=put(jnp.zeros((), jnp.int32)))
 
+    # ------------------------------------------------------------------ losses
+    def _with_talker(self, batch) -> bool:
+        return self.talker is not None and has_talker_view(batch)
+
+    def _micro_losses(self, params, micro) -> tuple:
+        """(thinker loss sum, thinker tokens, talker loss sum, talker tokens) of one microbatch."""
+        if self._with_talker(micro):
+            return losses_with_talker(self.thinker, self.talker, params, micro, self.max_loss_tokens,
+                                      self.talker_thinker_grad)
+        loss_sum, tokens = thinker_loss_sum(self.thinker, params, micro, self.max_loss_tokens)
+        return loss_sum, tokens, jnp.float32(0), jnp.float32(0)
+
     # ------------------------------------------------------------------ step
-    def _grads(self, params, batch):
-        """Summed gradients, loss sum and token count over the k stacked microbatches ([k, ...] leaves)."""
-        grad_fn = jax.value_and_grad(lambda p, m: thinker_loss_sum(self.thinker, p, m, self.max_loss_tokens),
-                                     has_aux=True)
+    def _grads(self, params, batch, talker_scale):
+        """Summed gradients of (thinker loss sum + talker_scale * talker loss sum) and the four loss sums over
+        the k stacked microbatches ([k, ...] leaves)."""
+        def objective(p, m):
+            sums = self._micro_losses(p, m)
+            return sums[0] + talker_scale * sums[2], sums
+
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
         k = batch["input_ids"].shape[0]
         if k == 1:
-            (loss_sum, tokens), grads = grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], batch))
-            return grads, loss_sum, tokens
+            (_, sums), grads = grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], batch))
+            return grads, sums
 
         def accumulate(carry, micro):
-            grads_acc, loss_acc, tokens_acc = carry
-            (loss_sum, tokens), grads = grad_fn(params, micro)
+            grads_acc, sums_acc = carry
+            (_, sums), grads = grad_fn(params, micro)
             grads_acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-            return (grads_acc, loss_acc + loss_sum, tokens_acc + tokens), None
+            return (grads_acc, tuple(a + b for a, b in zip(sums_acc, sums))), None
 
         zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        (grads, loss_sum, tokens), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), batch)
-        return grads, loss_sum, tokens
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, (jnp.float32(0),) * 4), batch)
+        return grads, sums
 
     def _train_step(self, state: TrainState, batch):
+        # Gradient of thinker_sum / T + w * talker_sum / T_talker (T: loss tokens of the whole step): the k
+        # microbatches' gradients of thinker_sum + (w T / T_talker) talker_sum are summed, then divided by T.
+        denom = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+        talker_scale = jnp.float32(0)
+        if self._with_talker(batch):
+            talker_denom = jnp.maximum(batch["talker_loss_mask"].astype(jnp.float32).sum(), 1.0)
+            talker_scale = self.talker_loss_weight * denom / talker_denom
         with rules_context():
-            grads, loss_sum, tokens = self._grads(state.params, batch)
-        denom = jnp.maximum(tokens, 1.0)
-        loss = loss_sum / denom
+            grads, (loss_sum, tokens, talker_sum, talker_tokens) = self._grads(state.params, batch, talker_scale)
+        thinker_loss = loss_sum / jnp.maximum(tokens, 1.0)
+        talker_loss = talker_sum / jnp.maximum(talker_tokens, 1.0)
+        loss = thinker_loss + self.talker_loss_weight * talker_loss
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         finite = jnp.isfinite(loss) & _tree_all_finite(grads)
         updates, new_opt = self.optimizer.update(grads, state.opt_state, state.params)
@@ -196,6 +297,8 @@ class Trainer:
                                nonfinite_total=(state.nonfinite_total + (~finite)).astype(jnp.int32))
         metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads), "finite": finite,
                    "nonfinite_streak": new_state.nonfinite_streak}
+        if self._with_talker(batch):
+            metrics.update(thinker_loss=thinker_loss, talker_loss=talker_loss, talker_tokens=talker_tokens)
         return new_state, metrics
 
     def step(self, state: TrainState, batch: Mapping[str, Any]):
@@ -215,20 +318,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval loss
     def _eval_step(self, params, batch):
-        with rules_context():
-            _, loss_sum, tokens = jax.lax.stop_gradient(self._loss_only(params, batch))
-        return {"loss_sum": loss_sum, "tokens": tokens}
-
-    def _loss_only(self, params, batch):
         def one(carry, micro):
-            loss_sum, tokens = thinker_loss_sum(self.thinker, params, micro, self.max_loss_tokens)
-            return (carry[0] + loss_sum, carry[1] + tokens), None
+            return tuple(a + b for a, b in zip(carry, self._micro_losses(params, micro))), None
 
-        (loss_sum, tokens), _ = jax.lax.scan(one, (jnp.float32(0), jnp.float32(0)), batch)
-        return None, loss_sum, tokens
+        with rules_context():
+            sums, _ = jax.lax.scan(one, (jnp.float32(0),) * 4, batch)
+        loss_sum, tokens, talker_sum, talker_tokens = jax.lax.stop_gradient(sums)
+        out = {"loss_sum": loss_sum, "tokens": tokens}
+        if self._with_talker(batch):
+            out.update(talker_loss_sum=talker_sum, talker_tokens=talker_tokens)
+        return out
 
     def eval_loss_sums(self, params, batch):
-        """{"loss_sum", "tokens"} of a global batch (no update)."""
+        """{"loss_sum", "tokens"} (+ "talker_loss_sum", "talker_tokens") of a global batch (no update)."""
         from train.batches import batch_shardings
 
         key = jax.tree_util.tree_structure(batch)

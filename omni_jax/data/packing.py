@@ -20,8 +20,9 @@ Batch (one host's slice; see docs/data.md):
   input_features [A, 128, F] float32 + feature_attention_mask [A, F] int32 (F = longest clip rounded up to
   `frame_bucket`), pixel_values [P, 1176] + image_grid_thw [I, 3] int64, pixel_values_videos [Pv, 1176] +
   video_grid_thw [V, 3] int64 + video_second_per_grid [V] float32.
-  When samples carry codec targets (omni_toy): codec_targets [B, L] int32 (each sample's codec ids packed in
-  its row, segment order) + codec_segment_ids [B, L] int32 (the segment they belong to, 0 = none).
+  With a `TalkerLayout` (talker_view.py) and samples that carry codec targets (omni_toy): the talker view of
+  the rows, talker_* [B, Lt] + talker_positions [3, B, Lt] (talker_view.py). A sample fits a row only when
+  its thinker tokens fit L and its talker tokens fit Lt; a batch without any codec sample has no talker keys.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import grain
 import numpy as np
 
 from omni_jax.data.sample import Skip
+from omni_jax.data.talker_view import TalkerLayout, collate_talker, talker_length
 from omni_jax.processing.audio import DEFAULT_FRAME_BUCKET
 from omni_jax.processing.tokenizer import ENDOFTEXT_ID
 
@@ -42,8 +44,8 @@ COUNTER_NAMES = ("samples_read", "samples_packed", "skipped_bad_media", "skipped
 
 
 def collate(rows: list[list[dict]], seq_len: int, pad_id: int = ENDOFTEXT_ID,
-            frame_bucket: int = DEFAULT_FRAME_BUCKET) -> dict[str, np.ndarray]:
-    """Packed rows of samples -> one batch dict (see the module docstring)."""
+            frame_bucket: int = DEFAULT_FRAME_BUCKET, talker: Optional[TalkerLayout] = None) -> dict[str, np.ndarray]:
+    """Packed rows of samples -> one batch dict (see the module docstring; talker keys need `talker`)."""
     B, L = len(rows), seq_len
     input_ids = np.full((B, L), pad_id, np.int32)
     targets = np.zeros((B, L), np.int32)
@@ -71,20 +73,8 @@ def collate(rows: list[list[dict]], seq_len: int, pad_id: int = ENDOFTEXT_ID,
     batch = {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask, "segment_ids": segment_ids,
              "positions": positions, "num_samples": np.int32(sum(len(r) for r in rows)),
              "num_tokens": np.int32(loss_mask.sum())}
-    if any(len(s.get("codec", ())) for row in rows for s in row):
-        # Talker targets: each sample's codec ids, packed in its row in segment order.
-        codec = np.zeros((B, L), np.int32)
-        codec_segments = np.zeros((B, L), np.int32)
-        for b, row in enumerate(rows):
-            offset = 0
-            for seg, s in enumerate(row, start=1):
-                codes = np.asarray(s.get("codec", ()), np.int32)
-                if offset + len(codes) > L:
-                    raise ValueError(f"row {b}: the codec targets of its samples exceed {L} ids")
-                codec[b, offset:offset + len(codes)] = codes
-                codec_segments[b, offset:offset + len(codes)] = seg
-                offset += len(codes)
-        batch["codec_targets"], batch["codec_segment_ids"] = codec, codec_segments
+    if talker is not None and any(talker_length(s) for row in rows for s in row):
+        batch.update(collate_talker(rows, talker))
     if media["audio"]:
         clips = media["audio"]
         longest = max(c.shape[1] for c in clips)
@@ -107,8 +97,9 @@ def collate(rows: list[list[dict]], seq_len: int, pad_id: int = ENDOFTEXT_ID,
 
 class _PackedBatchIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, seq_len: int, batch_size: int, pack: bool, pad_id: int,
-                 frame_bucket: int, max_consecutive_skips: Optional[int]):
+                 frame_bucket: int, max_consecutive_skips: Optional[int], talker: Optional[TalkerLayout] = None):
         super().__init__(parent)
+        self._talker = talker
         self._max_skips = max_consecutive_skips
         self._warned_too_long: set[str] = set()
         self._seq_len, self._batch_size, self._pack = seq_len, batch_size, pack
@@ -119,6 +110,9 @@ class _PackedBatchIterator(grain.DatasetIterator):
         self.counters = {name: 0 for name in COUNTER_NAMES}
         self.last_batch_ids: list[list[str]] = []  # sample ids per row of the last batch (logs, tests)
 
+    def _talker_length(self, sample: dict) -> int:
+        return talker_length(sample) if self._talker is not None else 0
+
     def _count_skip(self, skip: Skip) -> None:
         self.counters[f"skipped_{skip.reason}"] += 1
 
@@ -126,9 +120,12 @@ class _PackedBatchIterator(grain.DatasetIterator):
         L, B = self._seq_len, self._batch_size
         rows: list[list[dict]] = [[] for _ in range(B)]
         fill = [0] * B
+        talker_fill = [0] * B  # talker tokens per row (with a TalkerLayout)
+        Lt = self._talker.seq_len if self._talker is not None else 0
         if self._pending is not None:
             rows[0].append(self._pending)
             fill[0] = len(self._pending["input_ids"])
+            talker_fill[0] = self._talker_length(self._pending)
             self.counters["samples_read"] += 1
             self._pending = self._pending_state = None
         skips = 0
@@ -148,24 +145,28 @@ class _PackedBatchIterator(grain.DatasetIterator):
                 skips += 1
                 continue
             n = len(sample["input_ids"])
-            if n > L:
+            nt = self._talker_length(sample)
+            if n > L or nt > Lt:
                 self.counters["skipped_too_long"] += 1
                 skips += 1
                 if sample["id"] not in self._warned_too_long:  # once per sample, not once per epoch
                     self._warned_too_long.add(sample["id"])
-                    log.warning("skipping %s (too_long): %d tokens > seq_len %d", sample["id"], n, L)
+                    log.warning("skipping %s (too_long): %d tokens > seq_len %d or %d talker tokens > talker "
+                                "seq_len %d", sample["id"], n, L, nt, Lt)
                 continue
             skips = 0
-            row = next((b for b in range(B) if fill[b] + n <= L and (self._pack or not rows[b])), None)
+            row = next((b for b in range(B) if fill[b] + n <= L and talker_fill[b] + nt <= Lt
+                        and (self._pack or not rows[b])), None)
             if row is None:  # the batch is full for this sample: it opens the next batch
                 self.counters["samples_read"] -= 1  # re-read after a restore; counted when placed
                 self._pending, self._pending_state = sample, state_before
                 break
             rows[row].append(sample)
             fill[row] += n
+            talker_fill[row] += nt
         if not any(rows):
             raise StopIteration
-        batch = collate(rows, L, self._pad_id, self._frame_bucket)
+        batch = collate(rows, L, self._pad_id, self._frame_bucket, self._talker)
         self.last_batch_ids = [[s["id"] for s in row] for row in rows]
         placed = int(batch["num_samples"])
         self.counters["samples_packed"] += placed
@@ -191,9 +192,10 @@ class PackedBatchIterDataset(grain.IterDataset):
 
     def __init__(self, parent: grain.IterDataset, seq_len: int, batch_size: int, pack: bool = True,
                  pad_id: int = ENDOFTEXT_ID, frame_bucket: int = DEFAULT_FRAME_BUCKET,
-                 max_consecutive_skips: Optional[int] = None):
+                 max_consecutive_skips: Optional[int] = None, talker: Optional[TalkerLayout] = None):
         super().__init__(parent)
         self._max_skips = max_consecutive_skips
+        self._talker = talker
         if seq_len < 2 or batch_size < 1:
             raise ValueError(f"seq_len must be >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
         self._seq_len, self._batch_size, self._pack = seq_len, batch_size, pack
@@ -201,7 +203,7 @@ class PackedBatchIterDataset(grain.IterDataset):
 
     def __iter__(self) -> _PackedBatchIterator:
         return _PackedBatchIterator(self._parent.__iter__(), self._seq_len, self._batch_size, self._pack,
-                                    self._pad_id, self._frame_bucket, self._max_skips)
+                                    self._pad_id, self._frame_bucket, self._max_skips, self._talker)
 
     def __str__(self) -> str:
         return f"PackedBatchIterDataset(seq_len={self._seq_len}, batch_size={self._batch_size})"

@@ -28,6 +28,7 @@ import numpy as np
 from omni_jax.data import records
 from omni_jax.data.packing import PackedBatchIterDataset
 from omni_jax.data.sample import process_record, rope_ids_for
+from omni_jax.data.talker_view import TalkerLayout
 from omni_jax.processing.media import load_audio, load_image, load_video
 from omni_jax.processing.processor import Processor
 from omni_jax.processing.video import VideoProcessorConfig
@@ -161,8 +162,11 @@ class _ProcessRecord:
 
 def make_dataset(data_config: Any, *, processor: Processor, seq_len: int, batch_size: int, seed: int,
                  shard_index: int = 0, shard_count: int = 1, num_epochs: Optional[int] = None,
-                 split: Optional[str] = None) -> PackedBatchIterDataset:
-    """The grain IterDataset of packed batches (module docstring); `make_train_iterator` iterates it."""
+                 split: Optional[str] = None, talker: Optional[TalkerLayout] = None) -> PackedBatchIterDataset:
+    """The grain IterDataset of packed batches (module docstring); `make_train_iterator` iterates it.
+
+    talker: lay out the talker view of every row (talker_view.py) for samples with codec targets; its ids
+    come from the model config (`TalkerLayout.from_config`), its row length from data.talker_seq_len."""
     cfg = DataConfig.from_any(data_config)
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index must be in [0, shard_count={shard_count}), got {shard_index}")
@@ -179,15 +183,18 @@ def make_dataset(data_config: Any, *, processor: Processor, seq_len: int, batch_
     # More skips in a row than one pass over the shard: nothing in it can be used.
     return PackedBatchIterDataset(ds.to_iter_dataset(read), seq_len, batch_size, pack=cfg.packing,
                                   pad_id=processor.pad_token_id, frame_bucket=processor.audio_pad_to_multiple_of,
-                                  max_consecutive_skips=shard_size + 1)
+                                  max_consecutive_skips=shard_size + 1, talker=talker)
 
 
 def make_train_iterator(data_config: Any, *, processor: Processor, seq_len: int, batch_size: int, seed: int,
-                        shard_index: int = 0, shard_count: int = 1, num_epochs: Optional[int] = None):
+                        shard_index: int = 0, shard_count: int = 1, num_epochs: Optional[int] = None,
+                        talker: Optional[TalkerLayout] = None):
     """A checkpointable iterator (grain DatasetIterator: get_state / set_state, `.counters`) of packed
-    [batch_size, seq_len] batches of this host's shard (see docs/data.md for the batch contract)."""
+    [batch_size, seq_len] batches of this host's shard (see docs/data.md for the batch contract); with
+    `talker`, batches of samples with codec targets carry the talker view (talker_view.py)."""
     return iter(make_dataset(data_config, processor=processor, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                             shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs))
+                             shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
+                             talker=talker))
 
 
 # ------------------------------------------------------------------------------------------------ eval
