@@ -196,7 +196,8 @@ def ours_talker(args) -> dict:
     from omni_jax.speech import TalkerJob, make_talker_fns
 
     cfg, _, _ = _configs()
-    talker = Talker(cfg, RuntimeOptions(dtype=args.dtype, param_dtype=args.dtype))
+    # serving layout: per-layer weights, decode unrolled over layers (as OmniModel.from_pretrained runs it)
+    talker = Talker(cfg, RuntimeOptions(dtype=args.dtype, param_dtype=args.dtype, scan_layers=False))
     params = nn_unbox(jax.jit(lambda k: init_talker(talker, k))(jax.random.key(0)))["params"]
     apply_fn = lambda p, e, pos, seg, cache: talker.apply({"params": p}, e, pos, seg, cache,  # noqa: E731
                                                          last_logits_only=True)

@@ -15,6 +15,7 @@ import numpy as np
 
 from omni_jax import generation
 from omni_jax.config import OmniConfig, RuntimeOptions
+from omni_jax.layer_layout import match_layer_layout
 from omni_jax.models.kv_cache import KVCache
 from omni_jax.model_inputs import ThinkerInputs, prepare_thinker_inputs
 from omni_jax.models.thinker import Thinker, init_thinker
@@ -81,11 +82,13 @@ class OmniModel:
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", param_dtype: str | None = None,
                         mesh_shape: Mapping[str, int] | None = None, attention_backend: str = "xla",
-                        thinker_only: bool | None = None) -> "OmniModel":
+                        thinker_only: bool | None = None, scan_layers: bool = False) -> "OmniModel":
         """Load an HF Qwen2.5-Omni directory (config.json + safetensors) or an omni_jax checkpoint directory.
 
         dtype is the compute dtype; param_dtype (default: dtype) the dtype the weights are held in.
         mesh_shape, e.g. {"fsdp": 2, "tensor": 4}, shards the weights over the local devices.
+        scan_layers=False (default for serving) unrolls the thinker LM and talker over per-layer weights: faster
+        small-batch decode, longer compiles (RuntimeOptions.scan_layers).
         """
         from omni_jax.checkpoint import load_params
         from omni_jax.hf_mapping import load_hf_params
@@ -93,7 +96,8 @@ class OmniModel:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model directory not found: {path}")
         config = OmniConfig.from_pretrained(path)
-        options = RuntimeOptions(dtype=dtype, param_dtype=param_dtype or dtype, attention_backend=attention_backend)
+        options = RuntimeOptions(dtype=dtype, param_dtype=param_dtype or dtype, attention_backend=attention_backend,
+                                 scan_layers=scan_layers)
         if _is_converted_dir(path):
             params = load_params(os.path.join(path, "params"))
         else:
@@ -114,7 +118,8 @@ class OmniModel:
         missing = [k for k in wanted if k not in thinker_params]
         if missing:
             raise KeyError(f"checkpoint lacks thinker parts {missing}")
-        sub = {k: thinker_params[k] for k in wanted}
+        # checkpoints hold stacked decoder layers; an unrolled (scan_layers=False) model takes them per layer
+        sub = match_layer_layout({k: thinker_params[k] for k in wanted}, wanted)
         expected = jax.tree_util.tree_map(lambda a: tuple(a.shape), wanted)
         got = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), sub)
         if expected != got:
@@ -205,17 +210,6 @@ class OmniModel:
         chunks. It equals the whole-utterance waveform only within the bounded-context tolerance of
         docs/streaming.md (same noise: a row's noise depends on seed + row and the frame position only).
         """
-        if self._pad_single_row(batch, return_audio):
-            # XLA:CPU runs a bfloat16 [1, D] x [D, F] dot ~15x slower than [2, D] x [D, F] (docs/performance.md):
-            # a one-row text batch is run as two copies of the row and the copy dropped (rows are independent).
-            on_row0 = None if on_tokens is None else (lambda step, tokens: on_tokens(step, tokens[:1]))
-            two = {k: np.concatenate([np.asarray(v)] * 2, axis=0) for k, v in batch.items()}
-            out = self.generate(two, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                pad_token_id=pad_token_id, chunk_steps=chunk_steps, on_tokens=on_row0,
-                                use_audio_in_video=use_audio_in_video, temperature=temperature, top_k=top_k,
-                                top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
-            return GenerateOutput(sequences=out.sequences[:1], generated=out.generated[:1], text=out.text[:1],
-                                  codec_tokens=out.codec_tokens[:1], audio=out.audio[:1])
         if on_audio is not None and not return_audio:
             raise ValueError("on_audio streams speech: pass return_audio=True with it")
         if return_audio:
@@ -286,12 +280,6 @@ class OmniModel:
                          for row, codes in enumerate(codec_tokens)]
         return GenerateOutput(sequences=sequences, generated=generated, text=text,
                               codec_tokens=codec_tokens, audio=audio)
-
-    def _pad_single_row(self, batch: Mapping[str, Any], return_audio: bool) -> bool:
-        """Whether generate() should run a one-row text batch as two rows (the bfloat16 GEMV workaround)."""
-        text_only = set(batch) <= {"input_ids", "attention_mask"}
-        return (text_only and not return_audio and self.mesh is None and np.shape(batch["input_ids"])[0] == 1
-                and jnp.dtype(self.options.dtype) == jnp.bfloat16 and jax.default_backend() == "cpu")
 
     def _note_shape(self, fn_key: tuple, batch_size: int, bucket: int, inputs: ThinkerInputs) -> None:
         """Record the compiled-shape signature of one generate() call; log the first time it is seen."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Mapping, Optional, Sequence
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -191,7 +192,8 @@ class SpeechModel:
         from omni_jax.config import RuntimeOptions
         from omni_jax.models.bigvgan import BigVGAN
         from omni_jax.models.dit import DiT
-        from omni_jax.models.talker import Talker
+        from omni_jax.layer_layout import match_layer_layout
+        from omni_jax.models.talker import Talker, init_talker
 
         self.config = config
         self.speakers = dict(speakers)
@@ -201,9 +203,11 @@ class SpeechModel:
         self.bigvgan = BigVGAN(config.token2wav.bigvgan)
         # Held in options.param_dtype (e.g. bfloat16 for serving: half the bytes each decode step reads).
         talker_dtype = jnp.dtype(options.param_dtype)
+        wanted = jax.eval_shape(lambda: init_talker(self.talker, jax.random.key(0)))["params"]
+        talker_params = match_layer_layout(params["talker"], nn.meta.unbox(wanted))  # stacked or per-layer
         self.talker_params = jax.tree_util.tree_map(
             lambda x: jnp.asarray(x, talker_dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x,
-            params["talker"])
+            talker_params)
         t2w = params["token2wav"]
         self.dit_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), t2w["code2wav_dit_model"])
         self.bigvgan_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32),

@@ -3,6 +3,7 @@ sampling, streaming, bounded compiled shapes, and a 7B-shaped model served with 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -128,8 +129,11 @@ def test_7b_shaped_tensor_and_data_parallel_equals_single_device(tmp_path_factor
 
 
 def test_bfloat16_single_row_runs_as_two_rows_with_the_same_tokens(setup):
-    """The XLA:CPU bf16 GEMV workaround: a one-row batch runs as two copies; its tokens equal that row's tokens
-    when it shares a batch with another prompt (rows are independent)."""
+    """The XLA:CPU bf16 GEMV workaround (models.layers._needs_second_row: a one-row bf16 projection runs with a
+    zero second row): a one-row batch gives the tokens that row gets when it shares a batch with another prompt
+    (rows are independent)."""
+    from omni_jax.models.layers import _needs_second_row
+
     hf, _, processor, media = setup
     import tempfile
 
@@ -138,7 +142,9 @@ def test_bfloat16_single_row_runs_as_two_rows_with_the_same_tokens(setup):
         ours = OmniModel.from_pretrained(path, dtype="bfloat16")
     conversations = _conversations(media)
     one = processor(conversations[:1])
-    assert ours._pad_single_row(one, return_audio=False)
+    assert _needs_second_row("btd,df->btf", jnp.zeros((1, 1, 8), jnp.bfloat16)) == (jax.default_backend() == "cpu")
+    assert not _needs_second_row("btd,df->btf", jnp.zeros((2, 1, 8), jnp.bfloat16))
+    assert not _needs_second_row("btd,df->btf", jnp.zeros((1, 1, 8), jnp.float32))
     streamed = []
     alone = ours.generate(one, max_new_tokens=8, eos_token_id=NO_EOS, chunk_steps=4,
                           on_tokens=lambda step, t: streamed.append(t))

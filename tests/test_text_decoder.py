@@ -1,6 +1,8 @@
 """Decoder-stack properties that need no oracle: remat policies, cached decode vs full forward, packing."""
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -88,3 +90,36 @@ def test_pallas_backend_equals_xla(params):
     got = _model(attention_backend="pallas").apply(params, ids, pos, seg).logits
     valid = np.asarray(seg, bool)
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(ref)[valid], atol=1e-5)
+
+
+def test_unrolled_layers_equal_scanned_with_converted_params(params):
+    """scan_layers=False (per-layer weights, serving) computes what the scanned stack computes: full forward,
+    cached prefill + one-token decode, and bfloat16 one-row decode (the two-row GEMV path); the layout conversion
+    goes both ways without changing a value."""
+    from omni_jax.layer_layout import match_layer_layout
+
+    scanned, unrolled = _model(), _model(scan_layers=False)
+    ids, pos, seg = _inputs(length=9, seed=3)
+    wanted = nn.meta.unbox(jax.eval_shape(lambda: unrolled.init(jax.random.key(0), ids, pos, seg)))["params"]
+    per_layer = match_layer_layout(params["params"], wanted)
+    assert "layers" not in per_layer["decoder"] and len(per_layer["decoder"]) == TEXT.num_hidden_layers + 1
+    back = match_layer_layout(per_layer, params["params"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, params["params"])
+    with pytest.raises(ValueError, match="leading sizes"):
+        match_layer_layout(params["params"], nn.meta.unbox(jax.eval_shape(lambda: Thinker(
+            ThinkerConfig(text=dataclasses.replace(TEXT, num_hidden_layers=2), audio=THINKER.audio, vision=THINKER.vision),
+            RuntimeOptions(scan_layers=False)).init(jax.random.key(0), ids, pos, seg)))["params"])
+
+    # 1e-6: the same float32 ops in a different program (scan body vs unrolled), XLA may fuse differently
+    np.testing.assert_allclose(unrolled.apply({"params": per_layer}, ids, pos, seg).logits,
+                               scanned.apply(params, ids, pos, seg).logits, atol=1e-6, rtol=1e-6)
+    for dtype in ("float32", "bfloat16"):
+        outs = []
+        for model, p in ((_model(dtype=dtype), params["params"]), (_model(dtype=dtype, scan_layers=False), per_layer)):
+            cache = KVCache.init(TEXT.num_hidden_layers, 1, 12, TEXT.num_key_value_heads, TEXT.head_dim,
+                                 jnp.dtype(dtype))
+            out = model.apply({"params": p}, ids[:1, :8], pos[:, :1, :8], seg[:1, :8], cache)
+            step = model.apply({"params": p}, ids[:1, 8:], pos[:, :1, 8:], seg[:1, 8:], out.cache)
+            outs.append(np.asarray(step.logits, np.float32))
+        # bf16: both programs round the same bf16 values; 2e-2 = a few bf16 ulps of O(1) logits
+        np.testing.assert_allclose(outs[0], outs[1], atol=1e-5 if dtype == "float32" else 2e-2)

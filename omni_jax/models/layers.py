@@ -43,12 +43,13 @@ class Einsum(nn.Module):
             tuple(self.kernel_shape),
             self.param_dtype,
         )
-        y = jnp.einsum(
-            self.equation,
-            x.astype(self.dtype),
-            jnp.asarray(kernel, self.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        x = x.astype(self.dtype)
+        pad_row = _needs_second_row(self.equation, x)
+        if pad_row:  # [1, ...] -> [2, ...]: see _needs_second_row
+            x = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
+        y = jnp.einsum(self.equation, x, jnp.asarray(kernel, self.dtype), preferred_element_type=jnp.float32)
+        if pad_row:
+            y = y[:1]
         if self.bias_shape is not None:
             bias = self.param(
                 "bias",
@@ -58,6 +59,22 @@ class Einsum(nn.Module):
             )
             y = y + jnp.asarray(bias, jnp.float32)
         return y.astype(self.dtype)
+
+
+def _needs_second_row(equation: str, x: jax.Array) -> bool:
+    """Whether a bfloat16 projection of a single row should run as two rows on XLA:CPU.
+
+    XLA:CPU's bfloat16 matrix-vector product ([1, D] x [D, F]) falls back to a slow path (~15x slower than
+    [2, D] x [D, F], measured in docs/performance.md); one zero row makes it a matrix-matrix product at the same
+    memory traffic. Applies when every non-contracted dim of x is 1 and x's leading dim leads the output too
+    (batch-first equations such as "btd,df->btf"), i.e. batch-1 decode steps.
+    """
+    if x.dtype != jnp.bfloat16 or jax.default_backend() != "cpu":
+        return False
+    inputs, out = equation.replace(" ", "").split("->")
+    x_dims, kernel_dims = inputs.split(",")
+    rows = [size for dim, size in zip(x_dims, x.shape) if dim not in kernel_dims]
+    return all(size == 1 for size in rows) and len(rows) > 0 and out[0] == x_dims[0] and x_dims[0] not in kernel_dims
 
 
 class RMSNorm(nn.Module):

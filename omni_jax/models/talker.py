@@ -47,6 +47,7 @@ class Talker(nn.Module):
             mrope_section=tuple(cfg.mrope_section),
             attention_backend=self.options.attention_backend,
             remat_policy=self.options.remat_policy,
+            scan_layers=self.options.scan_layers,
             **kw,
         )
         self.codec_head = Einsum("btd,dv->btv", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), **kw)

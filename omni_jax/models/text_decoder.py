@@ -1,7 +1,8 @@
-"""Qwen2 decoder stack (thinker LM and talker): GQA with q/k/v bias, RMSNorm, SwiGLU, M-RoPE, scanned layers.
+"""Qwen2 decoder stack (thinker LM and talker): GQA with q/k/v bias, RMSNorm, SwiGLU, M-RoPE.
 
-One module serves training (full sequences, packed segments, remat) and serving (prefill and cached decode
-through the explicit `KVCache`).
+One module serves training (full sequences, packed segments, remat; layers scanned over stacked weights) and
+serving (prefill and cached decode through the explicit `KVCache`; layers usually unrolled over per-layer
+weights, `scan_layers=False`, see RuntimeOptions).
 """
 from __future__ import annotations
 
@@ -108,7 +109,10 @@ class DecoderLayer(nn.Module):
 
 
 class TextDecoder(nn.Module):
-    """A stack of `num_layers` DecoderLayers under nn.scan, followed by the final RMSNorm."""
+    """`num_layers` DecoderLayers, followed by the final RMSNorm.
+
+    scan_layers=True: one nn.scan over weights stacked on a leading "layers" axis (params `layers/...`);
+    False: a Python loop over separate per-layer modules (params `layers_0/...`, `layers_1/...`)."""
 
     num_layers: int
     hidden_size: int
@@ -123,6 +127,7 @@ class TextDecoder(nn.Module):
     param_dtype: Any = jnp.float32
     attention_backend: str = "xla"
     remat_policy: str = "none"
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(
@@ -156,20 +161,26 @@ class TextDecoder(nn.Module):
         if policy_name is not None:
             policy = getattr(jax.checkpoint_policies, policy_name)
             layer_cls = nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
-        stack = nn.scan(
-            layer_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=self.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(
+        layer_kwargs = dict(
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size, num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
-            dtype=self.dtype, param_dtype=self.param_dtype, attention_backend=self.attention_backend, name="layers",
-        )
-        layer_indices = jnp.arange(self.num_layers, dtype=jnp.int32)
-        (x, cache_k, cache_v), _ = stack((x, cache_k, cache_v), layer_indices, cos, sin, mask, write_index)
+            dtype=self.dtype, param_dtype=self.param_dtype, attention_backend=self.attention_backend)
+        carry = (x, cache_k, cache_v)
+        if self.scan_layers:
+            stack = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(**layer_kwargs, name="layers")
+            layer_indices = jnp.arange(self.num_layers, dtype=jnp.int32)
+            carry, _ = stack(carry, layer_indices, cos, sin, mask, write_index)
+        else:
+            for i in range(self.num_layers):  # static layer index: the cache update/read slices are static too
+                carry, _ = layer_cls(**layer_kwargs, name=f"layers_{i}")(carry, i, cos, sin, mask, write_index)
+        x, cache_k, cache_v = carry
         x = RMSNorm(self.hidden_size, self.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
         new_cache = None

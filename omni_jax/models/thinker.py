@@ -79,6 +79,7 @@ class Thinker(nn.Module):
             param_dtype=param_dtype,
             attention_backend=self.options.attention_backend,
             remat_policy=self.options.remat_policy,
+            scan_layers=self.options.scan_layers,
         )
         self.lm_head = Einsum("btd,dv->btv", (text.hidden_size, text.vocab_size), ("embed", "vocab"),
                               dtype=dtype, param_dtype=param_dtype)
