@@ -24,13 +24,15 @@ setup-test: $(BIN)/python
 
 # The main job: train the tiny random model on the synthetic omni_toy task (text, image, audio, video with
 # sound), answer held-out toy questions through the batch eval and score them, then answer one spoken
-# question in text and speech.
+# question in text and speech; last, how many validation answers the greedy talker speaks with exactly the
+# answer word's codec pattern.
 demo: setup
 	$(BIN)/omni-jax train --config configs/train/toy.yaml --workdir $(DEMO_DIR)/toy-run data.data_dir=$(DEMO_DIR)/tfds
 	$(BIN)/python -m omni_jax.data.toy_requests write $(DEMO_DIR)/toy-questions --num 32
 	$(BIN)/omni-jax eval --model $(DEMO_DIR)/toy-run/final --requests $(DEMO_DIR)/toy-questions/requests.jsonl --out $(DEMO_DIR)/toy-answers.jsonl
 	$(BIN)/python -m omni_jax.data.toy_requests score $(DEMO_DIR)/toy-questions/answers.jsonl $(DEMO_DIR)/toy-answers.jsonl
 	$(BIN)/omni-jax generate --model $(DEMO_DIR)/toy-run/final --audio $(DEMO_DIR)/toy-questions/omni_toy-validation-1-beeps.wav --prompt "How many beeps are there? Answer with one word." --audio-out $(DEMO_DIR)/answer.wav --max-audio-tokens 200
+	$(BIN)/python bench/talker_demo_check.py --model $(DEMO_DIR)/toy-run/final --data-dir $(DEMO_DIR)/tfds --num 32
 
 test: setup-test
 	$(BIN)/python -m pytest -q tests
