@@ -84,23 +84,31 @@ def token_losses(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) ->
     return (log_z - target_logit) * loss_mask.astype(jnp.float32)
 
 
-def _loss_at_positions(module, micro, max_loss_tokens: int):
-    """Inside Thinker.apply: decoder hidden states, the lm_head only at (up to max_loss_tokens) loss positions.
+def _head_loss(module, hidden, micro, max_loss_tokens: int):
+    """Inside Thinker.apply: (sum of masked token losses, loss tokens) from decoder hidden states [B, L, D].
 
-    Most positions of an SFT batch carry no loss (prompts, media); skipping their [D, V] head matmul and
-    vocab-wide softmax is the bulk of the step for a small model with Qwen's 152k vocabulary. The host checks
-    that no microbatch has more loss tokens than max_loss_tokens (train.loop), so nothing is dropped."""
-    embeds = module.embed_multimodal(micro["input_ids"], micro.get("audio"), micro.get("image"), micro.get("video"))
-    hidden, _ = module.decoder(embeds, micro["positions"], micro["segment_ids"], None)  # [B, L, D]
+    max_loss_tokens > 0: the lm_head only at (up to max_loss_tokens) loss positions. Most positions of an SFT
+    batch carry no loss (prompts, media); skipping their [D, V] head matmul and vocab-wide softmax is the bulk
+    of the step for a small model with Qwen's 152k vocabulary. The host checks that no microbatch has more
+    loss tokens than max_loss_tokens (train.loop), so nothing is dropped."""
+    mask = micro["loss_mask"].astype(jnp.float32)  # [B, L]
+    if not max_loss_tokens:
+        return token_losses(module.lm_head(hidden), micro["targets"], mask).sum(), mask.sum()
     dim = hidden.shape[-1]
-    mask = micro["loss_mask"].astype(jnp.float32).reshape(-1)  # [B*L]
-    targets = micro["targets"].reshape(-1)
-    index = jnp.nonzero(mask > 0, size=max_loss_tokens, fill_value=0)[0]  # [M] first M loss positions
-    valid = jnp.arange(max_loss_tokens) < jnp.sum(mask > 0)
+    flat_mask, targets = mask.reshape(-1), micro["targets"].reshape(-1)  # [B*L]
+    index = jnp.nonzero(flat_mask > 0, size=max_loss_tokens, fill_value=0)[0]  # [M] first M loss positions
+    valid = jnp.arange(max_loss_tokens) < jnp.sum(flat_mask > 0)
     selected = jnp.take(hidden.reshape(-1, dim), index, axis=0)[None]  # [1, M, D]
     logits = module.lm_head(selected)  # [1, M, V]
-    losses = token_losses(logits, targets[index][None], jnp.where(valid, mask[index], 0.0)[None])
-    return losses.sum(), mask.sum()
+    losses = token_losses(logits, targets[index][None], jnp.where(valid, flat_mask[index], 0.0)[None])
+    return losses.sum(), flat_mask.sum()
+
+
+def _loss_at_positions(module, micro, max_loss_tokens: int):
+    """Inside Thinker.apply: decoder hidden states, the lm_head only at the loss positions (`_head_loss`)."""
+    embeds = module.embed_multimodal(micro["input_ids"], micro.get("audio"), micro.get("image"), micro.get("video"))
+    hidden, _ = module.decoder(embeds, micro["positions"], micro["segment_ids"], None)  # [B, L, D]
+    return _head_loss(module, hidden, micro, max_loss_tokens)
 
 
 def thinker_loss_sum(thinker: Thinker, params: Mapping[str, Any], micro: Mapping[str, Any],
@@ -122,18 +130,9 @@ def _thinker_parts(module, micro, max_loss_tokens: int):
     input embeddings, and the thinker embeddings of the talker view's thinker ids: speaker bos, tts_eos/pad)."""
     embeds = module.embed_multimodal(micro["input_ids"], micro.get("audio"), micro.get("image"), micro.get("video"))
     hidden, _ = module.decoder(embeds, micro["positions"], micro["segment_ids"], None)  # [B, L, D]
-    mask = micro["loss_mask"].astype(jnp.float32)
-    if max_loss_tokens:
-        dim = hidden.shape[-1]
-        flat_mask, targets = mask.reshape(-1), micro["targets"].reshape(-1)  # [B*L]
-        index = jnp.nonzero(flat_mask > 0, size=max_loss_tokens, fill_value=0)[0]  # [M]
-        valid = jnp.arange(max_loss_tokens) < jnp.sum(flat_mask > 0)
-        logits = module.lm_head(jnp.take(hidden.reshape(-1, dim), index, axis=0)[None])  # [1, M, V]
-        losses = token_losses(logits, targets[index][None], jnp.where(valid, flat_mask[index], 0.0)[None])
-    else:
-        losses = token_losses(module.lm_head(hidden), micro["targets"], mask)
+    loss_sum, tokens = _head_loss(module, hidden, micro, max_loss_tokens)
     id_embeds = module.embed(jnp.maximum(micro["talker_thinker_ids"], 0))  # [B, Lt, D]
-    return losses.sum(), mask.sum(), hidden, embeds, id_embeds
+    return loss_sum, tokens, hidden, embeds, id_embeds
 
 
 def _gather_rows(x: jax.Array, index: jax.Array) -> jax.Array:
@@ -220,7 +219,8 @@ class Trainer:
         dtype = jnp.dtype(self.thinker.options.param_dtype)
         missing = sorted(set(self.param_shardings) - set(params))
         if missing:
-            raise ValueError(f"init_state: params have no {missing} (the trainer trains {sorted(self.param_shardings)})")
+            raise ValueError(f"init_state: params have no {missing} (this trainer trains "
+                             f"{sorted(self.param_shardings)})")
         # a fresh copy in param_dtype, placed in its shards (the train step donates the state; the caller's
         # arrays stay valid)
         with jax.set_mesh(self.mesh):
