@@ -282,6 +282,41 @@ def test_packed_rows_equal_unpacked_samples(toy, processor):
                 assert key not in batch
 
 
+def test_talker_view_positions_follow_generation(toy, processor):
+    """The talker view of every toy sample (image, audio, video with its audio track, text) against what
+    generation computes (api.OmniModel._talk): rope_index(config=talker) over [prompt, speaker bos, y_1], then
+    +1 per codec token; H at every prompt position, E except at media placeholders; a longer Lt only pads."""
+    from omni_jax.config import TalkerConfig
+    from omni_jax.data.talker_view import collate_talker, reply_span
+    from omni_jax.processing.tmrope import rope_index
+
+    source = load_source(toy, "train")
+    talker_config = TalkerConfig()
+    for i in range(len(source)):
+        rec = records.decode_record(source[i])
+        s = process_record(source[i], processor, rope_ids_for(processor))
+        P, n = reply_span(s)
+        m = len(s["codec"])
+        assert n >= 2 and m == 12 and s["input_ids"][P + n - 1] == IM_END_ID
+        length = P + 2 + m
+        view = collate_talker([[s]], TALKER_LAYOUT)
+        text_ids = np.concatenate([s["input_ids"][:P], [TALKER_LAYOUT.speaker_bos], s["input_ids"][P:P + 1]])
+        audio = np.array([c.shape[1] for c in s["audio_features"]]) if s["audio_features"] else None
+        positions, deltas = rope_index(text_ids[None], None, image_grid_thw=s.get("image_grid_thw"),
+                                       video_grid_thw=s.get("video_grid_thw"), audio_seqlens=audio,
+                                       video_second_per_grid=s.get("video_second_per_grid"),
+                                       use_audio_in_video=rec["use_audio_in_video"], config=talker_config)
+        first = P + 2 + int(deltas[0])
+        expected = np.concatenate([positions[:, 0], np.broadcast_to(first + np.arange(m), (3, m))], axis=1)
+        np.testing.assert_array_equal(view["talker_positions"][:, 0, :length], expected, err_msg=s["id"])
+        assert (view["talker_positions"][:, 0, length:] == 0).all()
+        assert (view["talker_segment_ids"][0] > 0).sum() == length
+        np.testing.assert_array_equal(view["talker_hidden_from"][0, :P], np.arange(P))
+        placeholder = np.isin(s["input_ids"][:P], TALKER_LAYOUT.placeholder_ids)
+        assert placeholder.any() == (rec["task"] != "sum")
+        np.testing.assert_array_equal(view["talker_embed_from"][0, :P], np.where(placeholder, -1, np.arange(P)))
+
+
 def test_over_long_samples_are_skipped_and_counted(toy, processor):
     samples = _samples_by_id(toy, processor)
     L = 64
