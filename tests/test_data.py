@@ -327,6 +327,21 @@ def test_over_long_samples_are_skipped_and_counted(toy, processor):
     assert counters["skipped_too_long"] == len(too_long) and not packed & set(too_long)
     assert packed == set(samples) - set(too_long)
     assert all(b["input_ids"].shape == (2, L) for b in batches)
+    # With the talker view, a sample whose talker tokens (P + 2 + 12) exceed Lt is skipped the same way, and
+    # every row's talker tokens fit Lt (the packer fits both lengths).
+    from omni_jax.data.talker_view import talker_length
+
+    Lt = 60
+    layout = dataclasses.replace(TALKER_LAYOUT, seq_len=Lt)
+    too_long = sorted(i for i, s in samples.items() if len(s["input_ids"]) > L or talker_length(s) > Lt)
+    assert len(too_long) > len([i for i, s in samples.items() if len(s["input_ids"]) > L])
+    batches, ids, counters = _epoch(toy, processor, seq_len=L, batch_size=2, talker=layout)
+    assert counters["skipped_too_long"] == len(too_long)
+    assert {i for b in ids for row in b for i in row} == set(samples) - set(too_long)
+    for b, rows in zip(batches, ids):
+        assert b["talker_targets"].shape == (2, Lt)
+        for r, row in enumerate(rows):
+            assert (b["talker_segment_ids"][r] > 0).sum() == sum(talker_length(samples[i]) for i in row) <= Lt
     # On the endless stream, a seq_len nothing fits in is an error, not an endless loop.
     it = make_train_iterator(toy, processor=processor, seq_len=16, batch_size=2, seed=0)
     with pytest.raises(ValueError, match="in a row were skipped"):
