@@ -1,7 +1,8 @@
 """Run metrics: WORKDIR/metrics.jsonl (one JSON object per line), TensorBoard, the loss-curve PNG, MFU.
 
 metrics.jsonl lines: train steps {"step", "loss", "grad_norm", "lr", "tokens", "step_time_s", "tokens_per_s",
-"mfu", ...}; evals {"step", "eval_loss", "eval_accuracy", ...}. On resume the file is truncated to the steps
+"mfu", ...} (+ "thinker_loss", "talker_loss" with the talker loss; "loss" is then their weighted sum); evals
+{"step", "eval_loss", "eval_talker_loss", "eval_accuracy", ...}. On resume the file is truncated to the steps
 up to the restored checkpoint, so the file of a resumed run equals that of an uninterrupted one (timings
 aside). Only process 0 writes.
 """
@@ -108,7 +109,8 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def plot_loss_curve(workdir: str, out: Optional[str] = None) -> Optional[str]:
-    """WORKDIR/loss_curve.png: train loss per step and eval loss (and accuracy on a second axis)."""
+    """WORKDIR/loss_curve.png: train loss per step and eval loss (and accuracy on a second axis); with the
+    talker loss also the thinker and talker parts of the train loss and the eval talker loss."""
     if jax.process_index() != 0:
         return None
     import matplotlib
@@ -122,8 +124,15 @@ def plot_loss_curve(workdir: str, out: Optional[str] = None) -> Optional[str]:
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1)
+    for key in ("thinker_loss", "talker_loss"):
+        part = [(r["step"], r[key]) for r in records if key in r]
+        if part:
+            ax.plot(*zip(*part), label=f"train {key.replace('_', ' ')}", lw=0.8, alpha=0.7)
     if evals:
         ax.plot([e[0] for e in evals], [e[1] for e in evals], "o-", label="eval loss")
+    talker_evals = [(r["step"], r["eval_talker_loss"]) for r in records if "eval_talker_loss" in r]
+    if talker_evals:
+        ax.plot(*zip(*talker_evals), "^-", label="eval talker loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
