@@ -31,7 +31,7 @@ demo: setup
 	$(BIN)/python -m omni_jax.data.toy_requests write $(DEMO_DIR)/toy-questions --num 32
 	$(BIN)/omni-jax eval --model $(DEMO_DIR)/toy-run/final --requests $(DEMO_DIR)/toy-questions/requests.jsonl --out $(DEMO_DIR)/toy-answers.jsonl
 	$(BIN)/python -m omni_jax.data.toy_requests score $(DEMO_DIR)/toy-questions/answers.jsonl $(DEMO_DIR)/toy-answers.jsonl
-	$(BIN)/omni-jax generate --model $(DEMO_DIR)/toy-run/final --audio $(DEMO_DIR)/toy-questions/omni_toy-validation-1-beeps.wav --prompt "How many beeps are there? Answer with one word." --audio-out $(DEMO_DIR)/answer.wav --max-audio-tokens 200
+	$(BIN)/omni-jax generate --model $(DEMO_DIR)/toy-run/final --audio $(DEMO_DIR)/toy-questions/omni_toy-validation-1-beeps.wav --prompt "How many beeps are there? Answer with one word." --audio-out $(DEMO_DIR)/answer.wav --max-audio-tokens 200 --talker-greedy
 	$(BIN)/python bench/talker_demo_check.py --model $(DEMO_DIR)/toy-run/final --data-dir $(DEMO_DIR)/tfds --num 32
 
 test: setup-test

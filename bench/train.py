@@ -45,7 +45,7 @@ def text_dims(layers: int | None) -> dict:
 
 # ================================================================================================ ours
 def bench_ours(dtype: str, batch: int, seq: int, steps: int, warmup: int, layers: int | None, remat: str,
-               attention: str) -> dict:
+               attention: str, loss_chunk: int = 0) -> dict:
     import jax
     import numpy as np
     import flax.linen as nn
@@ -71,7 +71,7 @@ def bench_ours(dtype: str, batch: int, seq: int, steps: int, warmup: int, layers
     params = {"thinker": nn.meta.unbox(jax.jit(lambda r: init_thinker(thinker, r))(jax.random.key(0)))["params"]}
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     optimizer = make_optimizer(OptimSection(learning_rate=1e-5, warmup_steps=0), 1000, module_labels(params, ()))
-    trainer = Trainer(thinker, optimizer, mesh)
+    trainer = Trainer(thinker, optimizer, mesh, loss_chunk=loss_chunk)
     state = trainer.init_state(params)
     del params
     rng = np.random.default_rng(0)
@@ -98,7 +98,8 @@ def bench_ours(dtype: str, batch: int, seq: int, steps: int, warmup: int, layers
     return {"impl": "omni_jax", "dtype": dtype, "device": str(device.device_kind), "params": int(n_params),
             "step_s": step_s, "step_times_s": times, "tokens_per_s": batch * seq / step_s,
             "model_tflops_per_step": flops / 1e12, "matmul_peak_tflops": peak / 1e12,
-            "mfu": flops / step_s / peak, "losses": losses, "remat": remat}
+            "mfu": flops / step_s / peak, "losses": losses, "remat": remat,
+            "loss_chunk": loss_chunk}
 
 
 # ================================================================================================ HF
@@ -151,6 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     p.add_argument("--layers", type=int, default=None, help="override 24 layers (quick checks)")
     p.add_argument("--remat", default="none")
+    p.add_argument("--loss-chunk", type=int, default=0, help="ours: fused chunked lm_head + cross-entropy (tokens)")
     p.add_argument("--attention", default="xla")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
@@ -160,8 +162,10 @@ def main(argv=None) -> int:
 
     if args.worker:  # one measurement in this process, JSON on the last stdout line
         dtype = args.dtypes
-        out = (bench_ours(dtype, remat=args.remat, attention=args.attention, **common) if args.worker == "ours"
-               else bench_hf(dtype, **common))
+        if args.worker == "ours":
+            out = bench_ours(dtype, remat=args.remat, attention=args.attention, loss_chunk=args.loss_chunk, **common)
+        else:
+            out = bench_hf(dtype, **common)
         print(json.dumps(out))
         return 0
 
@@ -170,7 +174,8 @@ def main(argv=None) -> int:
         for worker in (["ours"] if args.no_hf else ["ours", "hf"]):
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--dtypes", dtype,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--remat", args.remat, "--attention", args.attention]
+                   "--warmup", str(args.warmup), "--remat", args.remat, "--attention", args.attention,
+                   "--loss-chunk", str(args.loss_chunk)]
             if args.layers:
                 cmd += ["--layers", str(args.layers)]
             env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -118,7 +118,8 @@ def _cmd_generate(args) -> int:
     try:
         out = model.generate(batch, max_new_tokens=args.max_new_tokens, chunk_steps=args.stream_every,
                              on_tokens=on_tokens, use_audio_in_video=args.use_audio_in_video,
-                             talker={"max_new_tokens": args.max_audio_tokens}, **speech,
+                             talker={"max_new_tokens": args.max_audio_tokens, "do_sample": not args.talker_greedy},
+                             **speech,
                              on_audio=(lambda row, chunk: wav.write(chunk)) if wav else None)
     except ValueError as e:  # e.g. a reply too short to speak
         print(f"\nerror: {e}", file=sys.stderr)
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-audio", action="store_true",
                    help="write --audio-out chunk by chunk as speech is synthesised (a valid wav at every moment)")
     p.add_argument("--max-audio-tokens", type=int, default=4096, help="talker codec tokens at most (50 per s)")
+    p.add_argument("--talker-greedy", action="store_true",
+                   help="talker picks the most likely codec token (default: the release's sampling)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (talker, flow-matching noise)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stream-every", type=int, default=8, help="decode steps per host round trip")

@@ -97,7 +97,8 @@ def test_sharded_and_accumulated_steps_equal_single_device(model):
 
 def test_loss_at_positions_and_packing(model):
     """(a) A packed row gives the same loss sum as its samples each in their own row; (b) the lm_head at the
-    loss positions only (max_loss_tokens) gives the loss of the full-logits path."""
+    loss positions only (max_loss_tokens) gives the loss of the full-logits path; (c) so does the fused chunked
+    head (loss_chunk)."""
     cfg, thinker, params = model
     row = synthetic_data.make_row(3, seed=0, seq_len=64)
     seg = row["segment_ids"]
@@ -126,6 +127,16 @@ def test_loss_at_positions_and_packing(model):
     cap_sum, cap_n = loss(params, packed, 64)
     assert float(cap_n) == float(packed_n)
     np.testing.assert_allclose(float(cap_sum), float(packed_sum), rtol=1e-6)
+
+    # (c) the fused chunked head (train.loss_chunk; chunk 24 does not divide the 64 tokens) gives the same loss
+    # and gradients, with and without the cap; 1e-5: the same float32 sums accumulated per chunk
+    chunked = jax.jit(jax.value_and_grad(lambda p, m, cap, chunk: thinker_loss_sum(thinker, p, m, cap, chunk)[0]),
+                      static_argnums=(2, 3))
+    for cap in (0, 64):
+        (ref_loss, ref_grads), (got_loss, got_grads) = chunked(params, packed, cap, 0), chunked(params, packed, cap, 24)
+        np.testing.assert_allclose(float(got_loss), float(ref_loss), rtol=1e-6)
+        for a, b in zip(jax.tree_util.tree_leaves(ref_grads), jax.tree_util.tree_leaves(got_grads)):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_freezing_and_nonfinite_skip(model):

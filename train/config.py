@@ -78,6 +78,7 @@ class TrainSection:
     plot: bool = True  # loss-curve PNG at the end
     export_on_finish: bool = True  # write WORKDIR/final (an omni_jax checkpoint dir: generate / export)
     max_loss_tokens: int = 0  # > 0: lm_head only at the loss positions, at most this many per microbatch
+    loss_chunk: int = 0  # > 0: lm_head + cross-entropy fused over chunks of this many tokens (no [N, V] logits)
     peak_flops: float = 0.0  # per device, for MFU; 0 = measure a matmul at start
     # Talker codec loss (needs a model with a talker and data with codec targets: omni_toy). loss = thinker
     # loss + talker_loss_weight * talker loss; 0 = train the thinker only (the talker is exported untouched).
@@ -116,6 +117,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(section, name)}")
         if self.train.talker_loss_weight < 0:
             raise ValueError(f"train.talker_loss_weight must be >= 0, got {self.train.talker_loss_weight}")
+        if self.train.loss_chunk < 0:
+            raise ValueError(f"train.loss_chunk must be >= 0, got {self.train.loss_chunk}")
         if self.data.talker_seq_len < 0:
             raise ValueError(f"data.talker_seq_len must be >= 0, got {self.data.talker_seq_len}")
         unknown = set(self.mesh) - {"data", "fsdp", "tensor"}

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from omni_jax.models.linear_cross_entropy import linear_cross_entropy
 from omni_jax.models.talker import Talker, init_talker
 from omni_jax.models.thinker import Thinker, init_thinker
 from omni_jax.sharding import logical_shardings, opt_state_shardings, rules_context
@@ -84,53 +85,57 @@ def token_losses(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) ->
     return (log_z - target_logit) * loss_mask.astype(jnp.float32)
 
 
-def _head_loss(module, hidden, micro, max_loss_tokens: int):
+def _head_loss(module, hidden, micro, max_loss_tokens: int, loss_chunk: int = 0):
     """Inside Thinker.apply: (sum of masked token losses, loss tokens) from decoder hidden states [B, L, D].
 
     max_loss_tokens > 0: the lm_head only at (up to max_loss_tokens) loss positions. Most positions of an SFT
     batch carry no loss (prompts, media); skipping their [D, V] head matmul and vocab-wide softmax is the bulk
     of the step for a small model with Qwen's 152k vocabulary. The host checks that no microbatch has more
-    loss tokens than max_loss_tokens (train.loop), so nothing is dropped."""
+    loss tokens than max_loss_tokens (train.loop), so nothing is dropped.
+    loss_chunk > 0: the lm_head and cross-entropy run fused over chunks of that many tokens
+    (models.linear_cross_entropy), never holding the [tokens, V] float32 logits."""
     mask = micro["loss_mask"].astype(jnp.float32)  # [B, L]
-    if not max_loss_tokens:
-        return token_losses(module.lm_head(hidden), micro["targets"], mask).sum(), mask.sum()
     dim = hidden.shape[-1]
-    flat_mask, targets = mask.reshape(-1), micro["targets"].reshape(-1)  # [B*L]
-    index = jnp.nonzero(flat_mask > 0, size=max_loss_tokens, fill_value=0)[0]  # [M] first M loss positions
-    valid = jnp.arange(max_loss_tokens) < jnp.sum(flat_mask > 0)
-    selected = jnp.take(hidden.reshape(-1, dim), index, axis=0)[None]  # [1, M, D]
-    logits = module.lm_head(selected)  # [1, M, V]
-    losses = token_losses(logits, targets[index][None], jnp.where(valid, flat_mask[index], 0.0)[None])
-    return losses.sum(), flat_mask.sum()
+    flat_mask, targets = mask.reshape(-1), micro["targets"].reshape(-1).astype(jnp.int32)  # [B*L]
+    flat_hidden = hidden.reshape(-1, dim)  # [B*L, D]
+    if max_loss_tokens:
+        index = jnp.nonzero(flat_mask > 0, size=max_loss_tokens, fill_value=0)[0]  # [M] first M loss positions
+        valid = jnp.arange(max_loss_tokens) < jnp.sum(flat_mask > 0)
+        flat_hidden = jnp.take(flat_hidden, index, axis=0)  # [M, D]
+        weights, targets = jnp.where(valid, flat_mask[index], 0.0), targets[index]
+    else:
+        weights = flat_mask
+    if loss_chunk:
+        kernel = module.lm_head.variables["params"]["kernel"]  # [D, V]
+        return linear_cross_entropy(flat_hidden, kernel, targets, weights, loss_chunk), flat_mask.sum()
+    logits = module.lm_head(flat_hidden[None])  # [1, N, V]
+    return token_losses(logits, targets[None], weights[None]).sum(), flat_mask.sum()
 
 
-def _loss_at_positions(module, micro, max_loss_tokens: int):
-    """Inside Thinker.apply: decoder hidden states, the lm_head only at the loss positions (`_head_loss`)."""
+def _loss_at_positions(module, micro, max_loss_tokens: int, loss_chunk: int = 0):
+    """Inside Thinker.apply: decoder hidden states, then the head loss (`_head_loss`)."""
     embeds = module.embed_multimodal(micro["input_ids"], micro.get("audio"), micro.get("image"), micro.get("video"))
     hidden, _ = module.decoder(embeds, micro["positions"], micro["segment_ids"], None)  # [B, L, D]
-    return _head_loss(module, hidden, micro, max_loss_tokens)
+    return _head_loss(module, hidden, micro, max_loss_tokens, loss_chunk)
 
 
 def thinker_loss_sum(thinker: Thinker, params: Mapping[str, Any], micro: Mapping[str, Any],
-                     max_loss_tokens: int = 0) -> tuple:
+                     max_loss_tokens: int = 0, loss_chunk: int = 0) -> tuple:
     """(sum of masked token losses, number of loss tokens) of one microbatch ([B, L] leaves).
 
-    max_loss_tokens > 0: the lm_head runs only at the loss positions (see `_loss_at_positions`)."""
-    if max_loss_tokens:
-        return thinker.apply({"params": params["thinker"]}, micro, max_loss_tokens, method=_loss_at_positions)
-    out = thinker.apply({"params": params["thinker"]}, micro["input_ids"], micro["positions"], micro["segment_ids"],
-                        audio=micro.get("audio"), image=micro.get("image"), video=micro.get("video"))
-    losses = token_losses(out.logits, micro["targets"], micro["loss_mask"])
-    return losses.sum(), micro["loss_mask"].astype(jnp.float32).sum()
+    max_loss_tokens > 0: the lm_head runs only at the loss positions; loss_chunk > 0: fused chunked head
+    (see `_head_loss`)."""
+    return thinker.apply({"params": params["thinker"]}, micro, max_loss_tokens, loss_chunk,
+                         method=_loss_at_positions)
 
 
-def _thinker_parts(module, micro, max_loss_tokens: int):
+def _thinker_parts(module, micro, max_loss_tokens: int, loss_chunk: int = 0):
     """Inside Thinker.apply: (loss sum, loss tokens, hidden [B, L, D], embeds [B, L, D], id_embeds [B, Lt, D]):
     the thinker loss of `thinker_loss_sum` plus what the talker is built from (post-norm hidden states, merged
     input embeddings, and the thinker embeddings of the talker view's thinker ids: speaker bos, tts_eos/pad)."""
     embeds = module.embed_multimodal(micro["input_ids"], micro.get("audio"), micro.get("image"), micro.get("video"))
     hidden, _ = module.decoder(embeds, micro["positions"], micro["segment_ids"], None)  # [B, L, D]
-    loss_sum, tokens = _head_loss(module, hidden, micro, max_loss_tokens)
+    loss_sum, tokens = _head_loss(module, hidden, micro, max_loss_tokens, loss_chunk)
     id_embeds = module.embed(jnp.maximum(micro["talker_thinker_ids"], 0))  # [B, Lt, D]
     return loss_sum, tokens, hidden, embeds, id_embeds
 
@@ -155,10 +160,10 @@ def talker_inputs(talker: Talker, talker_params, hidden, embeds, id_embeds, micr
 
 
 def losses_with_talker(thinker: Thinker, talker: Talker, params, micro, max_loss_tokens: int = 0,
-                       thinker_grad: bool = False) -> tuple:
+                       thinker_grad: bool = False, loss_chunk: int = 0) -> tuple:
     """(thinker loss sum, thinker tokens, talker loss sum, talker tokens) of one microbatch with talker keys."""
     loss_sum, tokens, hidden, embeds, id_embeds = thinker.apply(
-        {"params": params["thinker"]}, micro, max_loss_tokens, method=_thinker_parts)
+        {"params": params["thinker"]}, micro, max_loss_tokens, loss_chunk, method=_thinker_parts)
     if not thinker_grad:
         hidden, embeds, id_embeds = jax.lax.stop_gradient((hidden, embeds, id_embeds))
     inputs = talker_inputs(talker, params["talker"], hidden, embeds, id_embeds, micro)  # [B, Lt, E]
@@ -184,8 +189,9 @@ class Trainer:
 
     def __init__(self, thinker: Thinker, optimizer: optax.GradientTransformation, mesh: Mesh,
                  max_loss_tokens: int = 0, talker: Optional[Talker] = None, talker_loss_weight: float = 1.0,
-                 talker_thinker_grad: bool = False):
+                 talker_thinker_grad: bool = False, loss_chunk: int = 0):
         self.thinker = thinker
+        self.loss_chunk = int(loss_chunk)  # > 0: fused chunked lm_head + cross-entropy (see _head_loss)
         self.talker = talker
         self.talker_loss_weight = float(talker_loss_weight)
         self.talker_thinker_grad = bool(talker_thinker_grad)
@@ -243,8 +249,8 @@ class Trainer:
         """(thinker loss sum, thinker tokens, talker loss sum, talker tokens) of one microbatch."""
         if self._with_talker(micro):
             return losses_with_talker(self.thinker, self.talker, params, micro, self.max_loss_tokens,
-                                      self.talker_thinker_grad)
-        loss_sum, tokens = thinker_loss_sum(self.thinker, params, micro, self.max_loss_tokens)
+                                      self.talker_thinker_grad, self.loss_chunk)
+        loss_sum, tokens = thinker_loss_sum(self.thinker, params, micro, self.max_loss_tokens, self.loss_chunk)
         return loss_sum, tokens, jnp.float32(0), jnp.float32(0)
 
     # ------------------------------------------------------------------ step
