@@ -188,7 +188,7 @@ def to_global(host_batch: Mapping[str, Any], mesh: Mesh) -> dict:
     """Host pytree (this process's rows) -> global jax.Arrays (rows of all processes, in process order).
 
     Token arrays: each process holds its own slice of the batch dimension. Encoder inputs are replicated, so
-    with several processes every process must pass the same values (multi-host media: see docs/training.md).
+    with several processes every process must pass the same values (`device_batch` gathers them).
     """
     shardings = batch_shardings(host_batch, mesh)
     nproc = jax.process_count()
@@ -201,10 +201,29 @@ def to_global(host_batch: Mapping[str, Any], mesh: Mesh) -> dict:
             shape = list(value.shape)
             shape[axis] *= nproc
             out[key] = jax.make_array_from_process_local_data(shardings[key], value, tuple(shape))
+        elif nproc > 1:  # replicated over devices of several processes: each fills its own devices
+            out[key] = jax.tree_util.tree_map(
+                lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda index, x=x: np.asarray(x)[index]),
+                value, shardings[key])
         else:
-            if nproc > 1:
-                raise NotImplementedError(
-                    f"media ({key}) in a multi-process run: encoder inputs are replicated and would need an "
-                    "all-gather across hosts, which this loop does not do yet; train media on one host")
             out[key] = jax.device_put(value, shardings[key])
     return out
+
+
+def device_batch(micro: Sequence[Mapping[str, Any]], thinker_config, mesh: Mesh,
+                 media_buckets: Optional[Mapping[str, int]] = None) -> dict:
+    """This process's k pipeline batches -> the step's global batch on the mesh.
+
+    With several processes and media on any of them, the pipeline batches of all processes are gathered first
+    (train/process_gather.py) so that every process builds the same replicated encoder inputs; each then feeds
+    only its own rows of the token arrays."""
+    from train import process_gather
+
+    nproc = jax.process_count()
+    if nproc > 1 and process_gather.any_process(any(process_gather.has_media(m) for m in micro)):
+        everyone = [process_gather.gather_batch(m) for m in micro]
+        host = stack_microbatches(everyone, thinker_config, media_buckets)
+        host = process_gather.local_rows(host, jax.process_index(), nproc, TOKEN_KEYS, POSITION_KEYS)
+    else:
+        host = stack_microbatches(micro, thinker_config, media_buckets)
+    return to_global(host, mesh)

@@ -27,7 +27,7 @@ from omni_jax.config import OmniConfig, RuntimeOptions, apply_overrides
 from omni_jax.models.talker import Talker, init_talker
 from omni_jax.models.thinker import Thinker, init_thinker
 from omni_jax.sharding import make_mesh, maybe_initialize_distributed
-from train.batches import stack_microbatches, to_global
+from train.batches import device_batch
 from train.checkpointing import Checkpoints
 from train.config import TrainConfig
 from train.metrics import MetricsWriter, measure_matmul_peak, plot_loss_curve, train_flops_per_token
@@ -191,7 +191,7 @@ def _eval_loss(cfg, trainer, state, processor, thinker_config, micro_rows, mesh,
     for i in range(cfg.eval.num_batches):
         micro = [next(it)]
         _check_loss_tokens(micro, cfg.train.max_loss_tokens, -1)
-        batch = to_global(stack_microbatches(micro, thinker_config, cfg.data.media_buckets), mesh)
+        batch = device_batch(micro, thinker_config, mesh, cfg.data.media_buckets)
         for key, value in trainer.eval_loss_sums(state.params, batch).items():
             sums[key] += float(value)
     out = {"eval_loss": sums["loss_sum"] / max(sums["tokens"], 1.0)}
@@ -418,7 +418,7 @@ def train(cfg: TrainConfig, workdir: str) -> dict:
         for step in range(start + 1, cfg.train.steps + 1):
             micro = [next(data) for _ in range(k)]
             _check_loss_tokens(micro, cfg.train.max_loss_tokens, step)
-            batch = to_global(stack_microbatches(micro, config.thinker, cfg.data.media_buckets), mesh)
+            batch = device_batch(micro, config.thinker, mesh, cfg.data.media_buckets)
             state, step_metrics = trainer.step(state, batch)
             if pending is not None:
                 finish(pending)
