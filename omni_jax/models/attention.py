@@ -14,6 +14,7 @@ Every mask in the model is expressed by `AttentionMask`:
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import flax.struct
@@ -95,10 +96,113 @@ def _pad_to_block(x: jax.Array, axis: int, fill) -> jax.Array:
     return jnp.pad(x, widths, constant_values=fill)
 
 
+def _tile_allowed(seg_q, slot_q, seg_kv, slot_kv, causal: bool) -> jax.Array:
+    """[B, bq] / [B, bk] segment ids and slots of one tile -> allowed [B, bq, bk]."""
+    allowed = (seg_q[:, :, None] == seg_kv[:, None, :]) & (seg_kv[:, None, :] != 0)
+    if causal:
+        allowed = allowed & (slot_kv[:, None, :] <= slot_q[:, :, None])
+    return allowed
+
+
+def _tiles_forward(q_blocks, k_blocks, v_blocks, q_seg, q_slot, kv_seg, kv_slot, causal: bool, scale: float):
+    """Online softmax over tiles. q_blocks [B, nq, bq, K, G, d], k/v_blocks [B, nk, bk, K, d], q_seg/q_slot
+    [B, nq, bq], kv_seg/kv_slot [B, nk, bk] -> (out [nq, B, K, G, bq, d] f32, logsumexp [nq, B, K, G, bq] f32;
+    0 for rows with no allowed key, whose output is 0)."""
+    batch, _, block_q, num_kv_heads, groups, head_dim = q_blocks.shape
+    nq, nk = q_blocks.shape[1], k_blocks.shape[1]
+    neg = jnp.finfo(jnp.float32).min
+
+    def query_block(i):
+        q_i = q_blocks[:, i]  # [B, bq, K, G, d]
+
+        def key_block(j, carry):
+            allowed = _tile_allowed(q_seg[:, i], q_slot[:, i], kv_seg[:, j], kv_slot[:, j], causal)  # [B, bq, bk]
+
+            def update(carry):
+                running_max, denom, acc = carry  # [B, K, G, bq], [B, K, G, bq], [B, K, G, bq, d]
+                scores = jnp.einsum("btkgd,bskd->bkgts", q_i, k_blocks[:, j], preferred_element_type=jnp.float32)
+                scores = jnp.where(allowed[:, None, None], scores * scale, neg)
+                new_max = jnp.maximum(running_max, scores.max(axis=-1))
+                probs = jnp.exp(scores - new_max[..., None]) * allowed[:, None, None]
+                rescale = jnp.exp(running_max - new_max)
+                acc = acc * rescale[..., None] + jnp.einsum("bkgts,bskd->bkgtd", probs.astype(v_blocks.dtype),
+                                                            v_blocks[:, j], preferred_element_type=jnp.float32)
+                return new_max, denom * rescale + probs.sum(axis=-1), acc
+
+            return jax.lax.cond(jnp.any(allowed), update, lambda c: c, carry)
+
+        stats = (batch, num_kv_heads, groups, block_q)
+        init = (jnp.full(stats, neg, jnp.float32), jnp.zeros(stats, jnp.float32),
+                jnp.zeros(stats + (head_dim,), jnp.float32))
+        running_max, denom, acc = jax.lax.fori_loop(0, nk, key_block, init)
+        empty = denom == 0
+        out = acc / jnp.where(empty, 1.0, denom)[..., None]
+        log_z = jnp.where(empty, 0.0, running_max + jnp.log(jnp.where(empty, 1.0, denom)))
+        return out, log_z
+
+    return jax.lax.map(query_block, jnp.arange(nq))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _tiles(q_blocks, k_blocks, v_blocks, q_seg, q_slot, kv_seg, kv_slot, causal: bool, scale: float):
+    return _tiles_forward(q_blocks, k_blocks, v_blocks, q_seg, q_slot, kv_seg, kv_slot, causal, scale)[0]
+
+
+def _tiles_fwd(q_blocks, k_blocks, v_blocks, q_seg, q_slot, kv_seg, kv_slot, causal, scale):
+    out, log_z = _tiles_forward(q_blocks, k_blocks, v_blocks, q_seg, q_slot, kv_seg, kv_slot, causal, scale)
+    return out, (q_blocks, k_blocks, v_blocks, q_seg, q_slot, kv_seg, kv_slot, out, log_z)
+
+
+def _tiles_bwd(causal, scale, residuals, d_out):
+    """Flash-attention backward over the same tiles (skipping the same ones): probabilities recomputed from the
+    saved logsumexp, so nothing of size [T, S] is kept between forward and backward."""
+    q_blocks, k_blocks, v_blocks, q_seg, q_slot, kv_seg, kv_slot, out, log_z = residuals
+    nq, nk = q_blocks.shape[1], k_blocks.shape[1]
+    dtype = q_blocks.dtype
+    delta = jnp.sum(d_out * out, axis=-1)  # [nq, B, K, G, bq]
+
+    def query_block(carry, i):
+        d_k, d_v = carry  # [B, nk, bk, K, d] f32
+        q_i, g_i = q_blocks[:, i], d_out[i].astype(dtype)  # [B, bq, K, G, d], [B, K, G, bq, d]
+        log_z_i, delta_i = log_z[i], delta[i]  # [B, K, G, bq]
+
+        def key_block(j, inner):
+            allowed = _tile_allowed(q_seg[:, i], q_slot[:, i], kv_seg[:, j], kv_slot[:, j], causal)
+
+            def update(inner):
+                d_q_i, d_k, d_v = inner
+                k_j, v_j = k_blocks[:, j], v_blocks[:, j]  # [B, bk, K, d]
+                scores = jnp.einsum("btkgd,bskd->bkgts", q_i, k_j, preferred_element_type=jnp.float32) * scale
+                probs = jnp.where(allowed[:, None, None], jnp.exp(scores - log_z_i[..., None]), 0.0)  # [B,K,G,t,s]
+                d_v_j = jnp.einsum("bkgts,bkgtd->bskd", probs.astype(dtype), g_i, preferred_element_type=jnp.float32)
+                d_probs = jnp.einsum("bkgtd,bskd->bkgts", g_i, v_j, preferred_element_type=jnp.float32)
+                d_scores = (probs * (d_probs - delta_i[..., None]) * scale).astype(dtype)
+                d_q_i = d_q_i + jnp.einsum("bkgts,bskd->btkgd", d_scores, k_j, preferred_element_type=jnp.float32)
+                d_k_j = jnp.einsum("bkgts,btkgd->bskd", d_scores, q_i, preferred_element_type=jnp.float32)
+                d_k = jax.lax.dynamic_update_index_in_dim(d_k, d_k[:, j] + d_k_j, j, axis=1)
+                d_v = jax.lax.dynamic_update_index_in_dim(d_v, d_v[:, j] + d_v_j, j, axis=1)
+                return d_q_i, d_k, d_v
+
+            return jax.lax.cond(jnp.any(allowed), update, lambda c: c, inner)
+
+        init = (jnp.zeros(q_i.shape, jnp.float32), d_k, d_v)
+        d_q_i, d_k, d_v = jax.lax.fori_loop(0, nk, key_block, init)
+        return (d_k, d_v), d_q_i
+
+    zeros_kv = jnp.zeros(k_blocks.shape, jnp.float32)
+    (d_k, d_v), d_q = jax.lax.scan(query_block, (zeros_kv, zeros_kv), jnp.arange(nq))  # d_q [nq, B, bq, K, G, d]
+    d_q = jnp.moveaxis(d_q, 0, 1)
+    return (d_q.astype(dtype), d_k.astype(k_blocks.dtype), d_v.astype(v_blocks.dtype), None, None, None, None)
+
+
+_tiles.defvjp(_tiles_fwd, _tiles_bwd)
+
+
 def _blocked_attention(q, k, v, mask: AttentionMask, scale: float) -> jax.Array:
     """Online-softmax attention over [BLOCK x BLOCK] tiles; tiles with no allowed pair are skipped (lax.cond),
     so causal masks, padding, empty cache slots and other segments' windows cost nothing. Same result as
-    `_xla_attention` (rows with no allowed key give 0)."""
+    `_xla_attention` (rows with no allowed key give 0); its gradient is a flash-attention backward over the same
+    tiles (`_tiles_bwd`)."""
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     groups = num_heads // num_kv_heads
@@ -108,41 +212,11 @@ def _blocked_attention(q, k, v, mask: AttentionMask, scale: float) -> jax.Array:
     q_seg, q_slot = _pad_to_block(mask.q_segment_ids, 1, -1), _pad_to_block(mask.q_slots, 1, 0)
     kv_seg, kv_slot = _pad_to_block(mask.kv_segment_ids, 1, 0), _pad_to_block(mask.kv_slots, 1, 0)
     nq, nk = q.shape[1] // BLOCK, k.shape[1] // BLOCK
-    q_blocks = q.reshape(batch, nq, BLOCK, num_kv_heads, groups, head_dim)
-    k_blocks = k.reshape(batch, nk, BLOCK, num_kv_heads, head_dim)
-    v_blocks = v.reshape(batch, nk, BLOCK, num_kv_heads, head_dim)
-    q_seg, q_slot = q_seg.reshape(batch, nq, BLOCK), q_slot.reshape(batch, nq, BLOCK)
-    kv_seg, kv_slot = kv_seg.reshape(batch, nk, BLOCK), kv_slot.reshape(batch, nk, BLOCK)
-    neg = jnp.finfo(jnp.float32).min
-
-    def query_block(i):
-        q_i = q_blocks[:, i]  # [B, bq, K, G, d]
-
-        def key_block(j, carry):
-            allowed = (q_seg[:, i, :, None] == kv_seg[:, j, None, :]) & (kv_seg[:, j, None, :] != 0)
-            if mask.causal:
-                allowed = allowed & (kv_slot[:, j, None, :] <= q_slot[:, i, :, None])  # [B, bq, bk]
-
-            def update(carry):
-                running_max, denom, acc = carry  # [B, K, G, bq], [B, K, G, bq], [B, K, G, bq, d]
-                scores = jnp.einsum("btkgd,bskd->bkgts", q_i, k_blocks[:, j], preferred_element_type=jnp.float32)
-                scores = jnp.where(allowed[:, None, None], scores * scale, neg)
-                new_max = jnp.maximum(running_max, scores.max(axis=-1))
-                probs = jnp.exp(scores - new_max[..., None]) * allowed[:, None, None]
-                rescale = jnp.exp(running_max - new_max)
-                acc = acc * rescale[..., None] + jnp.einsum("bkgts,bskd->bkgtd", probs.astype(v.dtype), v_blocks[:, j],
-                                                            preferred_element_type=jnp.float32)
-                return new_max, denom * rescale + probs.sum(axis=-1), acc
-
-            return jax.lax.cond(jnp.any(allowed), update, lambda c: c, carry)
-
-        stats = (batch, num_kv_heads, groups, BLOCK)
-        init = (jnp.full(stats, neg, jnp.float32), jnp.zeros(stats, jnp.float32),
-                jnp.zeros(stats + (head_dim,), jnp.float32))
-        _, denom, acc = jax.lax.fori_loop(0, nk, key_block, init)
-        return acc / jnp.where(denom == 0, 1.0, denom)[..., None]  # [B, K, G, bq, d]
-
-    out = jax.lax.map(query_block, jnp.arange(nq))  # [nq, B, K, G, bq, d]
+    out = _tiles(q.reshape(batch, nq, BLOCK, num_kv_heads, groups, head_dim),
+                 k.reshape(batch, nk, BLOCK, num_kv_heads, head_dim), v.reshape(batch, nk, BLOCK, num_kv_heads, head_dim),
+                 q_seg.reshape(batch, nq, BLOCK).astype(jnp.int32), q_slot.reshape(batch, nq, BLOCK).astype(jnp.int32),
+                 kv_seg.reshape(batch, nk, BLOCK).astype(jnp.int32), kv_slot.reshape(batch, nk, BLOCK).astype(jnp.int32),
+                 mask.causal, float(scale))  # [nq, B, K, G, bq, d]
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, nq * BLOCK, num_heads, head_dim)
     return out[:, :q_len].astype(q.dtype)
 
