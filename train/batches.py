@@ -201,12 +201,10 @@ def to_global(host_batch: Mapping[str, Any], mesh: Mesh) -> dict:
             shape = list(value.shape)
             shape[axis] *= nproc
             out[key] = jax.make_array_from_process_local_data(shardings[key], value, tuple(shape))
-        elif nproc > 1:  # replicated over devices of several processes: each fills its own devices
+        else:  # replicated encoder inputs: each process fills its own devices (one process: all of them)
             out[key] = jax.tree_util.tree_map(
                 lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda index, x=x: np.asarray(x)[index]),
                 value, shardings[key])
-        else:
-            out[key] = jax.device_put(value, shardings[key])
     return out
 
 

@@ -14,13 +14,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-# key -> (ndim, axis the processes' arrays are concatenated along)
-ROW_KEYS_AXIS = {"positions": 1, "talker_positions": 1}
-MEDIA_NDIM = {"input_features": 3, "feature_attention_mask": 2, "pixel_values": 2, "image_grid_thw": 2,
-              "pixel_values_videos": 2, "video_grid_thw": 2, "video_second_per_grid": 1}
-MEDIA_DTYPES = {"input_features": np.float32, "feature_attention_mask": np.int32, "pixel_values": np.float32,
-                "image_grid_thw": np.int64, "pixel_values_videos": np.float32, "video_grid_thw": np.int64,
-                "video_second_per_grid": np.float32}
+ROW_KEYS_AXIS = {"positions": 1, "talker_positions": 1}  # row arrays whose batch axis is not the first
+MEDIA = {"input_features": (3, np.float32), "feature_attention_mask": (2, np.int32), "pixel_values": (2, np.float32),
+         "image_grid_thw": (2, np.int64), "pixel_values_videos": (2, np.float32), "video_grid_thw": (2, np.int64),
+         "video_second_per_grid": (1, np.float32)}  # key -> (ndim, dtype); concatenated on their first axis
 
 
 def _allgather(x: np.ndarray) -> np.ndarray:
@@ -52,7 +49,7 @@ def any_process(flag: bool) -> bool:
 
 
 def has_media(batch: Mapping[str, Any]) -> bool:
-    return any(batch.get(key) is not None for key in MEDIA_NDIM)
+    return any(batch.get(key) is not None for key in MEDIA)
 
 
 def gather_batch(batch: Mapping[str, Any]) -> dict:
@@ -63,7 +60,7 @@ def gather_batch(batch: Mapping[str, Any]) -> dict:
     out: dict[str, Any] = {}
     rows = np.shape(batch["input_ids"])[0]
     for key, value in batch.items():
-        if key in MEDIA_NDIM or value is None:
+        if key in MEDIA or value is None:
             continue
         value = np.asarray(value)
         if key in ROW_KEYS_AXIS:
@@ -72,10 +69,9 @@ def gather_batch(batch: Mapping[str, Any]) -> dict:
             out[key] = _gather_ragged(value, 0)
         else:
             out[key] = value
-    for key, ndim in MEDIA_NDIM.items():
+    for key, (ndim, dtype) in MEDIA.items():
         value = batch.get(key)
-        local = (np.zeros((0,) * ndim, MEDIA_DTYPES[key]) if value is None
-                 else np.asarray(value).astype(MEDIA_DTYPES[key]))
+        local = np.zeros((0,) * ndim, dtype) if value is None else np.asarray(value).astype(dtype)
         merged = _gather_ragged(local, 0)
         out[key] = merged if merged.shape[0] else None
     return out

@@ -112,10 +112,16 @@ def _head_loss(module, hidden, micro, max_loss_tokens: int, loss_chunk: int = 0)
     return token_losses(logits, targets[None], weights[None]).sum(), flat_mask.sum()
 
 
+def _embeds_and_hidden(module, micro):
+    """Inside Thinker.apply: merged input embeddings and post-norm decoder hidden states, both [B, L, D]."""
+    embeds = module.embed_multimodal(micro["input_ids"], micro.get("audio"), micro.get("image"), micro.get("video"))
+    hidden, _ = module.decoder(embeds, micro["positions"], micro["segment_ids"], None)
+    return embeds, hidden
+
+
 def _loss_at_positions(module, micro, max_loss_tokens: int, loss_chunk: int = 0):
     """Inside Thinker.apply: decoder hidden states, then the head loss (`_head_loss`)."""
-    embeds = module.embed_multimodal(micro["input_ids"], micro.get("audio"), micro.get("image"), micro.get("video"))
-    hidden, _ = module.decoder(embeds, micro["positions"], micro["segment_ids"], None)  # [B, L, D]
+    _, hidden = _embeds_and_hidden(module, micro)
     return _head_loss(module, hidden, micro, max_loss_tokens, loss_chunk)
 
 
@@ -133,8 +139,7 @@ def _thinker_parts(module, micro, max_loss_tokens: int, loss_chunk: int = 0):
     """Inside Thinker.apply: (loss sum, loss tokens, hidden [B, L, D], embeds [B, L, D], id_embeds [B, Lt, D]):
     the thinker loss of `thinker_loss_sum` plus what the talker is built from (post-norm hidden states, merged
     input embeddings, and the thinker embeddings of the talker view's thinker ids: speaker bos, tts_eos/pad)."""
-    embeds = module.embed_multimodal(micro["input_ids"], micro.get("audio"), micro.get("image"), micro.get("video"))
-    hidden, _ = module.decoder(embeds, micro["positions"], micro["segment_ids"], None)  # [B, L, D]
+    embeds, hidden = _embeds_and_hidden(module, micro)
     loss_sum, tokens = _head_loss(module, hidden, micro, max_loss_tokens, loss_chunk)
     id_embeds = module.embed(jnp.maximum(micro["talker_thinker_ids"], 0))  # [B, Lt, D]
     return loss_sum, tokens, hidden, embeds, id_embeds

@@ -24,6 +24,15 @@ import jax.numpy as jnp
 BACKENDS = ("xla", "cudnn", "pallas")
 
 
+def allowed_pairs(seg_q, slot_q, seg_kv, slot_kv, causal: bool) -> jax.Array:
+    """Segment ids and slots [B, T] (queries) / [B, S] (keys) -> allowed [B, T, S] (the rules above, without
+    `allowed`); for a whole sequence or one tile of the blocked path."""
+    ok = (seg_q[:, :, None] == seg_kv[:, None, :]) & (seg_kv[:, None, :] != 0)
+    if causal:
+        ok = ok & (slot_kv[:, None, :] <= slot_q[:, :, None])
+    return ok
+
+
 @flax.struct.dataclass
 class AttentionMask:
     q_segment_ids: jax.Array  # [B, T] int32
@@ -35,10 +44,7 @@ class AttentionMask:
 
     def dense(self) -> jax.Array:
         """The full boolean mask [B, T, S]."""
-        same = self.q_segment_ids[:, :, None] == self.kv_segment_ids[:, None, :]
-        ok = same & (self.kv_segment_ids[:, None, :] != 0)
-        if self.causal:
-            ok = ok & (self.kv_slots[:, None, :] <= self.q_slots[:, :, None])
+        ok = allowed_pairs(self.q_segment_ids, self.q_slots, self.kv_segment_ids, self.kv_slots, self.causal)
         if self.allowed is not None:
             ok = ok & self.allowed
         return ok
@@ -96,14 +102,6 @@ def _pad_to_block(x: jax.Array, axis: int, fill) -> jax.Array:
     return jnp.pad(x, widths, constant_values=fill)
 
 
-def _tile_allowed(seg_q, slot_q, seg_kv, slot_kv, causal: bool) -> jax.Array:
-    """[B, bq] / [B, bk] segment ids and slots of one tile -> allowed [B, bq, bk]."""
-    allowed = (seg_q[:, :, None] == seg_kv[:, None, :]) & (seg_kv[:, None, :] != 0)
-    if causal:
-        allowed = allowed & (slot_kv[:, None, :] <= slot_q[:, :, None])
-    return allowed
-
-
 def _tiles_forward(q_blocks, k_blocks, v_blocks, q_seg, q_slot, kv_seg, kv_slot, causal: bool, scale: float):
     """Online softmax over tiles. q_blocks [B, nq, bq, K, G, d], k/v_blocks [B, nk, bk, K, d], q_seg/q_slot
     [B, nq, bq], kv_seg/kv_slot [B, nk, bk] -> (out [nq, B, K, G, bq, d] f32, logsumexp [nq, B, K, G, bq] f32;
@@ -116,7 +114,7 @@ def _tiles_forward(q_blocks, k_blocks, v_blocks, q_seg, q_slot, kv_seg, kv_slot,
         q_i = q_blocks[:, i]  # [B, bq, K, G, d]
 
         def key_block(j, carry):
-            allowed = _tile_allowed(q_seg[:, i], q_slot[:, i], kv_seg[:, j], kv_slot[:, j], causal)  # [B, bq, bk]
+            allowed = allowed_pairs(q_seg[:, i], q_slot[:, i], kv_seg[:, j], kv_slot[:, j], causal)  # [B, bq, bk]
 
             def update(carry):
                 running_max, denom, acc = carry  # [B, K, G, bq], [B, K, G, bq], [B, K, G, bq, d]
@@ -167,7 +165,7 @@ def _tiles_bwd(causal, scale, residuals, d_out):
         log_z_i, delta_i = log_z[i], delta[i]  # [B, K, G, bq]
 
         def key_block(j, inner):
-            allowed = _tile_allowed(q_seg[:, i], q_slot[:, i], kv_seg[:, j], kv_slot[:, j], causal)
+            allowed = allowed_pairs(q_seg[:, i], q_slot[:, i], kv_seg[:, j], kv_slot[:, j], causal)
 
             def update(inner):
                 d_q_i, d_k, d_v = inner

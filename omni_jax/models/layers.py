@@ -62,11 +62,16 @@ class Einsum(nn.Module):
         return y.astype(self.dtype)
 
 
-def _transposable(equation: str) -> bool:
-    """Every index of "lhs,rhs->out" appears in exactly two of the three (no traces, no one-sided sums)."""
+def _split_equation(equation: str) -> tuple[str, str, str]:
+    """"lhs,rhs->out" -> (lhs, rhs, out)."""
     inputs, out = equation.replace(" ", "").split("->")
     lhs, rhs = inputs.split(",")
-    parts = (lhs, rhs, out)
+    return lhs, rhs, out
+
+
+def _transposable(equation: str) -> bool:
+    """Every index of "lhs,rhs->out" appears in exactly two of the three (no traces, no one-sided sums)."""
+    parts = lhs, rhs, out = _split_equation(equation)
     return (all(len(set(part)) == len(part) for part in parts)
             and all(sum(letter in part for part in parts) == 2 for letter in set(lhs + rhs + out)))
 
@@ -82,8 +87,7 @@ def _low_precision_einsum_fwd(equation, x, w):
 
 def _low_precision_einsum_bwd(equation, residuals, g):
     x, w = residuals
-    inputs, out = equation.replace(" ", "").split("->")
-    lhs, rhs = inputs.split(",")
+    lhs, rhs, out = _split_equation(equation)
     g = g.astype(x.dtype)  # the cotangent in the compute dtype: both backward products stay bf16 x bf16
     dx = jnp.einsum(f"{out},{rhs}->{lhs}", g, w, preferred_element_type=jnp.float32)
     dw = jnp.einsum(f"{lhs},{out}->{rhs}", x, g, preferred_element_type=jnp.float32)
@@ -115,8 +119,7 @@ def _needs_second_row(equation: str, x: jax.Array) -> bool:
     """
     if x.dtype != jnp.bfloat16 or jax.default_backend() != "cpu":
         return False
-    inputs, out = equation.replace(" ", "").split("->")
-    x_dims, kernel_dims = inputs.split(",")
+    x_dims, kernel_dims, out = _split_equation(equation)
     rows = [size for dim, size in zip(x_dims, x.shape) if dim not in kernel_dims]
     return all(size == 1 for size in rows) and len(rows) > 0 and out[0] == x_dims[0] and x_dims[0] not in kernel_dims
 
