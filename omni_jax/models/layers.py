@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omni_jax.kernels import small_batch_matmul
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -24,7 +26,8 @@ class Einsum(nn.Module):
 
     `kernel_shape` and `kernel_axes` describe the weight (logical axis names for sharding); `bias_shape` /
     `bias_axes` the optional bias added to the output's trailing dims. The dot runs in `dtype` and accumulates
-    in float32 (`preferred_element_type`), which is both exact enough and fast on CPU/TPU.
+    in float32 (`preferred_element_type`), which is both exact enough and fast on CPU/TPU. Products of a few rows
+    on the CPU (decode steps) run on `omni_jax.kernels.small_batch_matmul` where it applies.
     """
 
     equation: str
@@ -45,12 +48,16 @@ class Einsum(nn.Module):
             self.param_dtype,
         )
         x = x.astype(self.dtype)
-        pad_row = _needs_second_row(self.equation, x)
-        if pad_row:  # [1, ...] -> [2, ...]: see _needs_second_row
-            x = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
-        y = einsum_f32_accumulate(self.equation, x, jnp.asarray(kernel, self.dtype))
-        if pad_row:
-            y = y[:1]
+        kernel = jnp.asarray(kernel, self.dtype)
+        if small_batch_matmul.use_kernel(self.equation, x, kernel):  # decode steps on the CPU
+            y = small_batch_matmul.einsum(self.equation, x, kernel)
+        else:
+            pad_row = _needs_second_row(self.equation, x)
+            if pad_row:  # [1, ...] -> [2, ...]: see _needs_second_row
+                x = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
+            y = einsum_f32_accumulate(self.equation, x, kernel)
+            if pad_row:
+                y = y[:1]
         if self.bias_shape is not None:
             bias = self.param(
                 "bias",

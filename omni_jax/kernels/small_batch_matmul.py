@@ -1,0 +1,147 @@
+"""A CPU kernel for projections of a few rows (decode steps): y[M, N] = x[M, K] . w[K, N], M <= 8, f32 accumulation.
+
+XLA:CPU runs decode-step projections well below this machine's memory bandwidth: bfloat16 weights are read at
+9-16 GB/s (PyTorch's oneDNN: ~40), and float32 products of 2-8 rows at ~30 GB/s. `small_batch_matmul.cc` streams
+each weight element once, widens bfloat16 in registers and accumulates in float32, split over XLA's intra-op
+thread pool (docs/performance.md has the measurements).
+
+The kernel is compiled with the machine's C++ compiler on first use (about 3 s) into a per-user cache and
+registered as an XLA FFI target. It is used only where it applies and is faster (`use_kernel`):
+the CPU backend, no multi-device mesh, x and w of one dtype, a canonical equation, 1-8 rows, and for float32
+2-8 rows (XLA's own matrix-vector product already runs at the bandwidth bound). `OMNI_JAX_CPU_MATMUL_KERNEL=0`
+turns it off; without a compiler or AVX-512 everything runs through `jnp.einsum` as before.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("small_batch_matmul.cc")
+_TARGET = "omni_jax_small_batch_matmul"
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl")
+_CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl")
+MAX_ROWS = 8
+ENV_SWITCH = "OMNI_JAX_CPU_MATMUL_KERNEL"
+
+
+def _cpu_has_features() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return all(feature in flags for feature in _CPU_FEATURES)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("OMNI_JAX_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "omni_jax", "kernels")
+    return Path(root)
+
+
+def _build(include_dir: str) -> Path:
+    """Compile the kernel once per (source, flags, jaxlib) into the cache; the write is atomic (rename)."""
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + jax.__version__.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"small_batch_matmul-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    compiler = os.environ.get("CXX", "g++")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [compiler, *_FLAGS, f"-I{include_dir}", str(_SOURCE), "-o", str(out)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
+        os.replace(out, target)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether the kernel is built and registered (compiles it on the first call)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0" or not sys.platform.startswith("linux") or not _cpu_has_features():
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(str(_build(jax.ffi.include_dir())))
+        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.OmniJaxSmallBatchMatmul), platform="cpu")
+    except (OSError, RuntimeError, AttributeError) as error:
+        log.warning("CPU small-batch matmul kernel unavailable, using XLA's dot: %s", error)
+        return False
+    return True
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, K] . w [K, N] -> [M, N] float32; x and w both float32 or both bfloat16, 1 <= M <= 8."""
+    if not available():
+        raise RuntimeError(f"the CPU small-batch matmul kernel is not available here (or {ENV_SWITCH}=0)")
+    return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
+                            vmap_method="sequential")(x, w)
+
+
+def _canonical_split(equation: str) -> Optional[tuple[int, int]]:
+    """For "<rows><contracted>,<contracted><cols>-><rows><cols>" the lengths (len(rows), len(contracted))."""
+    inputs, out = equation.replace(" ", "").split("->")
+    lhs, rhs = inputs.split(",")
+    contracted = [letter for letter in lhs if letter in rhs]
+    n_rows = len(lhs) - len(contracted)
+    if not contracted or lhs[n_rows:] != "".join(contracted) or rhs[:len(contracted)] != lhs[n_rows:]:
+        return None
+    if out != lhs[:n_rows] + rhs[len(contracted):] or len(set(lhs + rhs)) != len(lhs) + len(rhs) - len(contracted):
+        return None
+    return n_rows, len(contracted)
+
+
+def _multi_device_mesh() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.size > 1
+
+
+def use_kernel(equation: str, x: jax.Array, w: jax.Array) -> bool:
+    """Whether `einsum(equation, x, w)` should run on the kernel (see the module docstring)."""
+    if x.dtype != w.dtype or x.dtype not in (jnp.float32, jnp.bfloat16) or jax.default_backend() != "cpu":
+        return False
+    split = _canonical_split(equation)
+    if split is None:
+        return False
+    rows = math.prod(x.shape[:split[0]])
+    min_rows = 1 if x.dtype == jnp.bfloat16 else 2
+    if not min_rows <= rows <= MAX_ROWS or _multi_device_mesh():
+        return False
+    return available()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`jnp.einsum(equation, x, w, preferred_element_type=float32)` on the kernel; `use_kernel` must hold."""
+    n_rows, n_contracted = _canonical_split(equation)
+    rows_shape, cols_shape = x.shape[:n_rows], w.shape[n_contracted:]
+    k = math.prod(x.shape[n_rows:])
+    y = matmul(x.reshape(math.prod(rows_shape), k), w.reshape(k, math.prod(cols_shape)))
+    return y.reshape(*rows_shape, *cols_shape)
+
+
+def _einsum_fwd(equation, x, w):
+    return einsum(equation, x, w), (x, w)
+
+
+def _einsum_bwd(equation, residuals, g):  # gradients as XLA's einsum would give them (not a hot path)
+    x, w = residuals
+    _, pullback = jax.vjp(lambda a, b: jnp.einsum(equation, a, b, preferred_element_type=jnp.float32), x, w)
+    return pullback(g)
+
+
+einsum.defvjp(_einsum_fwd, _einsum_bwd)

@@ -1,0 +1,117 @@
+"""omni_jax.kernels.small_batch_matmul: the CPU decode-step projection kernel equals XLA's einsum (float32 and
+bfloat16 operands, f32 accumulation), is chosen only where it applies, and is what decode steps run."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from omni_jax.kernels import small_batch_matmul
+from omni_jax.models.layers import Einsum
+
+# The kernel needs AVX-512 (checked in /proc/cpuinfo); every CI machine of this project has it. Elsewhere the
+# model runs through jnp.einsum and these tests have nothing to check.
+pytestmark = pytest.mark.skipif(not small_batch_matmul._cpu_has_features(), reason="CPU without AVX-512")
+
+# Layer outputs: both sides sum the same float32 products (bf16 x bf16 products are exact in f32) over K <= 64
+# terms in different orders: a few float32 ulp of the output's scale.
+RTOL = 2e-6
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _reference(equation, x, w):
+    return jnp.einsum(equation, x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+
+
+def _max_rel_err(got, want):
+    return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+
+
+def test_builds_and_registers():
+    assert small_batch_matmul.available()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("rows,k,n", [(1, 1, 1), (1, 896, 4864), (2, 7, 33), (3, 100, 1000), (5, 17, 15),
+                                      (8, 4864, 896), (8, 64, 2049), (7, 130, 96), (4, 33, 4097)])
+def test_matmul_equals_einsum(dtype, rows, k, n):
+    """Tails of every size: columns not a multiple of the 32-column panel or 2048-column chunk, K not a
+    multiple of the 16-row block."""
+    rng = np.random.default_rng(rows * 1000 + k + n)
+    x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((k, n)), dtype)
+    got = jax.jit(small_batch_matmul.matmul)(x, w)
+    assert got.dtype == jnp.float32 and got.shape == (rows, n)
+    # Against float64: float32 summation of K products is within K * eps32 * sum_k |x_mk w_kn| (the classical
+    # bound for any summation order); a wrong or missing product breaks it by orders of magnitude.
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    bound = k * EPS32 * (np.abs(x64) @ np.abs(w64))
+    assert np.all(np.abs(np.asarray(got, np.float64) - x64 @ w64) <= bound)
+
+
+@pytest.mark.parametrize("equation,x_shape,w_shape", [("btd,dnh->btnh", (2, 1, 48), (48, 4, 8)),
+                                                      ("btnh,nhd->btd", (8, 1, 4, 8), (4, 8, 40)),
+                                                      ("btd,dv->btv", (1, 1, 64), (64, 1000)),
+                                                      ("bd,de->be", (3, 16), (16, 24))])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_einsum_module_uses_kernel_and_matches(equation, x_shape, w_shape, dtype):
+    """The Einsum layer takes the kernel for decode-step shapes (an ffi_call in its jaxpr, no dot) and gives
+    what XLA's einsum gives; gradients through it equal XLA's."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+    lhs, rhs = equation.split("->")[0].split(",")
+    rows = int(np.prod([size for dim, size in zip(lhs, x_shape) if dim not in rhs]))
+    layer = Einsum(equation, w_shape, (None,) * len(w_shape), dtype=dtype, param_dtype=dtype)
+    params = nn.unbox(layer.init(jax.random.PRNGKey(0), x))
+    w = params["params"]["kernel"]
+    if not small_batch_matmul.use_kernel(equation, x, w):
+        assert dtype == jnp.float32 and rows == 1  # float32 single rows stay on XLA's matrix-vector product
+        return
+    primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(layer.apply)(params, x).jaxpr.eqns}
+    assert any("ffi" in name or "custom_vjp" in name for name in primitives), primitives
+    assert "dot_general" not in primitives
+    got = layer.apply(params, x).astype(jnp.float32)
+    want = _reference(equation, x, w).astype(dtype).astype(jnp.float32)
+    tol = RTOL if dtype == jnp.float32 else 8e-3  # bf16 output rounding: half an ulp of 2^-8
+    assert _max_rel_err(got, want) < tol
+
+    def loss(kernel_on, x, w):
+        if kernel_on:
+            y = small_batch_matmul.einsum(equation, x, w)
+        else:
+            y = jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
+        return jnp.sum(jnp.sin(y))
+
+    got_grads = jax.grad(lambda *a: loss(True, *a), argnums=(0, 1))(x, w)
+    want_grads = jax.grad(lambda *a: loss(False, *a), argnums=(0, 1))(x, w)
+    for got_g, want_g in zip(got_grads, want_grads):
+        assert got_g.dtype == want_g.dtype
+        np.testing.assert_allclose(np.asarray(got_g, np.float32), np.asarray(want_g, np.float32),
+                                   rtol=1e-4 if dtype == jnp.float32 else 2e-2, atol=1e-4)
+
+
+def test_where_it_does_not_apply():
+    f32 = jnp.zeros((2, 1, 16), jnp.float32)
+    w = jnp.zeros((16, 8), jnp.float32)
+    assert small_batch_matmul.use_kernel("btd,df->btf", f32, w)
+    assert not small_batch_matmul.use_kernel("btd,df->btf", jnp.zeros((9, 1, 16)), w)  # > 8 rows: XLA's GEMM
+    assert not small_batch_matmul.use_kernel("btd,df->btf", f32[:1], w)  # f32 single row: XLA's GEMV
+    assert not small_batch_matmul.use_kernel("btd,df->btf", f32, w.astype(jnp.bfloat16))  # mixed dtypes
+    assert not small_batch_matmul.use_kernel("btd,fd->btf", f32, jnp.zeros((8, 16)))  # not rows.contracted
+    assert not small_batch_matmul.use_kernel("bd,dce->bec", jnp.zeros((2, 16)), jnp.zeros((16, 3, 5)))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):  # the SPMD partitioner cannot split a custom call: sharded runs stay on XLA
+        assert not small_batch_matmul.use_kernel("btd,df->btf", f32, w)
+
+
+def test_switch_off(monkeypatch):
+    monkeypatch.setenv(small_batch_matmul.ENV_SWITCH, "0")
+    small_batch_matmul.available.cache_clear()
+    try:
+        assert not small_batch_matmul.use_kernel("btd,df->btf", jnp.zeros((2, 1, 16)), jnp.zeros((16, 8)))
+    finally:
+        monkeypatch.delenv(small_batch_matmul.ENV_SWITCH)
+        small_batch_matmul.available.cache_clear()
+    assert small_batch_matmul.available()
