@@ -5,8 +5,8 @@
 // weight element is read once, streamed row by row, bfloat16 widened to float32 in registers, and all products
 // accumulate in float32 (the `preferred_element_type=float32` contract of omni_jax.models.layers.Einsum).
 //
-// x and w share one dtype, float32 or bfloat16; both are row-major. The columns are cut into chunks that XLA's
-// intra-op thread pool and the calling thread take from a shared counter.
+// x and w share one dtype, float32 or bfloat16; both are row-major. The weight is cut into row slices and column
+// chunks (`Work`) that XLA's intra-op thread pool and the calling thread take from a shared counter.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -23,10 +23,10 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kMaxRows = 8;
-constexpr int64_t kPanel = 32;     // output columns held in registers: 2 zmm per row
-constexpr int64_t kRowBlock = 16;  // weight rows streamed together (16 sequential streams)
+constexpr int64_t kPanel = 32;          // output columns held in registers: 2 zmm per row
+constexpr int64_t kRowBlock = 8;        // weight rows streamed together (8 sequential streams)
 constexpr int64_t kPrefetchPanels = 16;  // software prefetch distance, in panels of the visiting order
-constexpr int64_t kMaxChunk = 2048;  // columns per work item: y chunk <= 8 x 2048 x 4 B = 64 KB
+constexpr int64_t kTileBytes = 512 * 1024;  // a work item's float32 output tile [M, width] stays in L2
 
 inline __mmask16 Mask16(int64_t count) {
   return count >= 16 ? __mmask16(0xFFFF) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
@@ -39,24 +39,27 @@ inline __m512 Load16(const uint16_t* p, __mmask16 mask) {  // bfloat16 -> float3
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-// Columns [c0, c1) of y for all M rows. x is float32 [M, K]. The weight is visited in blocks of kRowBlock rows;
-// within a block, panel by panel along the rows (kRowBlock sequential streams).
+// y[m, c] = sum over k in [k_begin, k_end) of x[m, k] * w[k, c], for c in [c0, c1). x: float32 [M, K];
+// w: [K, N]; y: float32 with row stride N. The rows are visited in blocks of kRowBlock; within a block, panel by
+// panel along the rows (kRowBlock sequential streams through adjacent memory).
 template <int M, typename W>
-void Chunk(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t c0, int64_t c1) {
+void Tile(const float* x, int64_t K, const W* w, int64_t N, float* y, int64_t k_begin, int64_t k_end,
+          int64_t c0, int64_t c1) {
   const int64_t panels = (c1 - c0 + kPanel - 1) / kPanel;
-  for (int64_t k0 = 0; k0 < K; k0 += kRowBlock) {
-    const int64_t k1 = std::min(K, k0 + kRowBlock);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kRowBlock) {
+    const int64_t k1 = std::min(k_end, k0 + kRowBlock);
     for (int64_t i = 0; i < panels; ++i) {
       const int64_t p = c0 + i * kPanel;
       const __mmask16 ma = Mask16(c1 - p), mb = Mask16(c1 - p - 16);
       // Software prefetch of the weight this row will need kPrefetchPanels panels later in the visiting order
-      // (further along the row, or in the next row block for a narrow chunk): the hardware prefetchers lose
-      // these page-crossing streams (measured: M=8 17.8 -> 35 GB/s).
+      // (further along the row, or in the next row block for a narrow tile): the hardware prefetchers lose
+      // these streams when several run at once (measured: M=8 17.8 -> 35 GB/s).
       const int64_t ahead = i + kPrefetchPanels;
-      const int64_t prefetch_offset = (ahead / panels) * kRowBlock * N + (ahead % panels - i) * kPanel;
+      const int64_t blocks_ahead = ahead / panels;
+      const int64_t prefetch_offset = blocks_ahead * kRowBlock * N + (ahead % panels - i) * kPanel;
       __m512 acc[M][2];
       for (int m = 0; m < M; ++m) {
-        if (k0 == 0) {
+        if (k0 == k_begin) {
           acc[m][0] = _mm512_setzero_ps();
           acc[m][1] = _mm512_setzero_ps();
         } else {
@@ -66,7 +69,7 @@ void Chunk(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t c
       }
       const W* wk = w + k0 * N + p;
       for (int64_t k = k0; k < k1; ++k, wk += N) {
-        if (k + (ahead / panels) * kRowBlock < K) {
+        if (k + blocks_ahead * kRowBlock < k_end) {
           _mm_prefetch(reinterpret_cast<const char*>(wk + prefetch_offset), _MM_HINT_T0);
           if (sizeof(W) == 4) _mm_prefetch(reinterpret_cast<const char*>(wk + prefetch_offset + 16), _MM_HINT_T0);
         }
@@ -86,40 +89,60 @@ void Chunk(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t c
 }
 
 template <typename W>
-using ChunkFn = void (*)(const float*, const W*, float*, int64_t, int64_t, int64_t, int64_t);
+using TileFn = void (*)(const float*, int64_t, const W*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
 
 template <typename W>
-ChunkFn<W> ChunkFor(int64_t rows) {
+TileFn<W> TileFor(int64_t rows) {
   switch (rows) {
-    case 1: return Chunk<1, W>;
-    case 2: return Chunk<2, W>;
-    case 3: return Chunk<3, W>;
-    case 4: return Chunk<4, W>;
-    case 5: return Chunk<5, W>;
-    case 6: return Chunk<6, W>;
-    case 7: return Chunk<7, W>;
-    default: return Chunk<8, W>;
+    case 1: return Tile<1, W>;
+    case 2: return Tile<2, W>;
+    case 3: return Tile<3, W>;
+    case 4: return Tile<4, W>;
+    case 5: return Tile<5, W>;
+    case 6: return Tile<6, W>;
+    case 7: return Tile<7, W>;
+    default: return Tile<8, W>;
   }
 }
 
-// Work shared by the calling thread and the pool's tasks: chunk i covers columns [i * width, (i+1) * width).
+// Work shared by the calling thread and the pool's tasks. The weight's rows are cut into `slices` contiguous
+// slices (one per thread: each streams its own region of memory) and its columns into `chunks` of `width`; item
+// i = (chunk i / slices, slice i % slices) sums its slice's rows into that slice's output (y itself for slice 0,
+// a partial buffer otherwise). Whoever finishes a chunk's last slice adds the partials into y.
 struct Work {
   std::vector<float> x;  // [M, K] float32
   const void* w;
   float* y;
-  int64_t rows, K, N, width, chunks;
+  float* partial;  // [slices - 1, M, N]
+  int64_t rows, K, N, width, chunks, slices, slice_rows;
   bool bf16;
+  std::unique_ptr<std::atomic<int64_t>[]> slices_done;  // per chunk
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
-  void Drain() {
-    for (int64_t i = next.fetch_add(1); i < chunks; i = next.fetch_add(1)) {
-      const int64_t c0 = i * width, c1 = std::min(N, c0 + width);
-      if (bf16) {
-        ChunkFor<uint16_t>(rows)(x.data(), static_cast<const uint16_t*>(w), y, K, N, c0, c1);
-      } else {
-        ChunkFor<float>(rows)(x.data(), static_cast<const float*>(w), y, K, N, c0, c1);
+  float* Out(int64_t slice) { return slice == 0 ? y : partial + (slice - 1) * rows * N; }
+
+  void Reduce(int64_t c0, int64_t c1) {
+    for (int64_t s = 1; s < slices; ++s) {
+      const float* part = Out(s);
+      for (int64_t m = 0; m < rows; ++m) {
+        for (int64_t c = c0; c < c1; ++c) y[m * N + c] += part[m * N + c];
       }
+    }
+  }
+
+  void Drain() {
+    const int64_t items = chunks * slices;
+    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
+      const int64_t chunk = i / slices, slice = i % slices;
+      const int64_t c0 = chunk * width, c1 = std::min(N, c0 + width);
+      const int64_t k0 = slice * slice_rows, k1 = std::min(K, k0 + slice_rows);
+      if (bf16) {
+        TileFor<uint16_t>(rows)(x.data(), K, static_cast<const uint16_t*>(w), N, Out(slice), k0, k1, c0, c1);
+      } else {
+        TileFor<float>(rows)(x.data(), K, static_cast<const float*>(w), N, Out(slice), k0, k1, c0, c1);
+      }
+      if (slices_done[chunk].fetch_add(1, std::memory_order_acq_rel) == slices - 1) Reduce(c0, c1);
       done.fetch_add(1, std::memory_order_release);
     }
   }
@@ -157,16 +180,25 @@ ffi::Error SmallBatchMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
   work->N = N;
   work->bf16 = bf16;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // ~2 chunks per thread, a whole number of register panels each, at most kMaxChunk columns.
-  const int64_t target = (N + 2 * threads - 1) / (2 * threads);
-  work->width = std::min(kMaxChunk, std::max(kPanel, (target + kPanel - 1) / kPanel * kPanel));
+  work->slices = std::max<int64_t>(1, std::min(threads, K / kRowBlock));
+  work->slice_rows = (K + work->slices - 1) / work->slices;
+  const int64_t max_width = std::max<int64_t>(kPanel, kTileBytes / (4 * rows) / kPanel * kPanel);
+  work->width = std::min(N, max_width);
   work->chunks = (N + work->width - 1) / work->width;
-  const int64_t helpers = std::min(threads - 1, work->chunks - 1);  // the calling thread is one of the workers
+  work->slices_done.reset(new std::atomic<int64_t>[work->chunks]);
+  for (int64_t c = 0; c < work->chunks; ++c) work->slices_done[c].store(0, std::memory_order_relaxed);
+  // Partial sums of slices 1.. live in a buffer this thread keeps across calls (no page faults per call); the
+  // call returns only after every item that wrote to it has finished.
+  thread_local std::vector<float> partial;
+  partial.resize(std::max<size_t>(partial.size(), (work->slices - 1) * rows * N));
+  work->partial = partial.data();
+  const int64_t items = work->chunks * work->slices;
+  const int64_t helpers = std::min(threads - 1, items - 1);  // the calling thread is one of the workers
   for (int64_t t = 0; t < helpers; ++t) {
     pool.Schedule([work] { work->Drain(); });
   }
   work->Drain();
-  while (work->done.load(std::memory_order_acquire) < work->chunks) {
+  while (work->done.load(std::memory_order_acquire) < items) {
     _mm_pause();
   }
   return ffi::Error::Success();
