@@ -13,7 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from omni_jax.models.kv_cache import KVCache
+from omni_jax.models.kv_cache import KVCache, write_cache_slots
 from omni_jax.sampling import SamplingParams, seen_mask, select_tokens
 
 
@@ -94,8 +94,7 @@ def decode_steps(apply_fn, params, state: DecodeState, num_steps: int, eos_ids, 
         out = apply_fn(params, ids, positions, jnp.ones_like(ids), s.cache, None)
         hidden = s.hidden
         if hidden is not None:  # the hidden state of the token just fed (token number `step`)
-            hidden = jax.lax.dynamic_update_slice(hidden, out.hidden_states[:, -1:].astype(hidden.dtype),
-                                                  (0, s.step - 1, 0))
+            hidden = write_cache_slots(hidden, out.hidden_states[:, -1:], (0, s.step - 1, 0))
         s = s.replace(cache=out.cache, position=s.position + 1, hidden=hidden)
         return record_token(s, out.logits[:, -1], eos_ids, pad_id)
 

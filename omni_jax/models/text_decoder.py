@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from omni_jax.config import REMAT_POLICIES
 from omni_jax.models.attention import AttentionMask, attention
-from omni_jax.models.kv_cache import KVCache
+from omni_jax.models.kv_cache import KVCache, write_cache_slots
 from omni_jax.models.layers import Einsum, RMSNorm, constrain
 from omni_jax.models.rotary import apply_rotary, mrope_cos_sin
 
@@ -50,8 +50,8 @@ class SelfAttention(nn.Module):
 
         if cache_k is not None:
             start = (layer_index, 0, write_index, 0, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+            cache_k = write_cache_slots(cache_k, k[None], start)
+            cache_v = write_cache_slots(cache_v, v[None], start)
             k = cache_k[layer_index].astype(self.dtype)  # [B, S, K, d]
             v = cache_v[layer_index].astype(self.dtype)
 

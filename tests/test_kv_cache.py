@@ -1,0 +1,42 @@
+"""models.kv_cache.write_cache_slots: the same values as dynamic_update_slice, and for a bfloat16 cache a slot write
+(XLA:CPU would otherwise convert the whole cache to float32 and back at every layer)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from omni_jax.models.kv_cache import write_cache_slots
+
+CACHE_SHAPE = (4, 2, 16, 2, 8)  # [L, B, S, K, d]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_same_values_as_update_slice(dtype):
+    rng = np.random.default_rng(0)
+    cache = jnp.asarray(rng.standard_normal(CACHE_SHAPE), dtype)
+    new = jnp.asarray(rng.standard_normal((1, 2, 3, 2, 8)), jnp.float32)  # computed in f32, stored in the cache dtype
+    start = (2, 0, 5, 0, 0)
+    got = jax.jit(write_cache_slots)(cache, new, start)
+    want = jax.lax.dynamic_update_slice(cache, new.astype(dtype), start)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_bfloat16_write_does_not_convert_the_cache():
+    """The write of a rotary-style bf16 product: the compiled program holds no float32 copy of the cache."""
+    def step(cache, k, cos, index):
+        rotated = (k.astype(jnp.float32) * cos).astype(jnp.bfloat16)  # what the rotary embedding produces
+        return write_cache_slots(cache, rotated[None], (1, 0, index, 0, 0))
+
+    cache = jnp.zeros(CACHE_SHAPE, jnp.bfloat16)
+    args = (cache, jnp.ones((2, 1, 2, 8), jnp.bfloat16), jnp.ones((8,), jnp.float32), jnp.int32(3))
+    hlo = jax.jit(step, donate_argnums=0).lower(*args).compile().as_text()
+    f32_cache = "f32[" + ",".join(map(str, CACHE_SHAPE)) + "]"
+    assert f32_cache not in hlo
+    # The plain update slice is what this guards against (on the CPU backend, where the rewrite happens).
+    plain = jax.jit(lambda c, k, cos, i: jax.lax.dynamic_update_slice(
+        c, (k.astype(jnp.float32) * cos).astype(jnp.bfloat16)[None], (1, 0, i, 0, 0)), donate_argnums=0)
+    if jax.default_backend() == "cpu":
+        assert f32_cache in plain.lower(*args).compile().as_text()
