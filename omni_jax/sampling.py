@@ -51,17 +51,35 @@ def seen_mask(token_ids: jax.Array, vocab_size: int, valid: Optional[jax.Array] 
     return mask[:, :vocab_size]
 
 
+# lax.top_k keeps this many candidates for the windowed top-k / top-p (`_filter_in_window`).
+TOP_WINDOW = 256
+
+
 def process_logits(logits: jax.Array, params: SamplingParams, seen: Optional[jax.Array] = None,
                    suppress_tokens: Sequence[int] = ()) -> jax.Array:
     """Apply penalty, suppression, temperature, top-k and top-p. [B, V] float32 -> [B, V] (filtered = -inf).
 
-    For greedy rows (temperature 0) only the penalty and suppression apply. The full-vocabulary sorts of top-k
-    and top-p run only when some row uses them (`lax.cond`): they cost more than a decode step's matmuls on CPU.
+    For greedy rows (temperature 0) only the penalty and suppression apply. Top-k / top-p run on the
+    `TOP_WINDOW` largest logits (`lax.top_k`) when every sampled row's kept set provably lies inside them, and on
+    full-vocabulary sorts otherwise: XLA:CPU sorts [8, 8448] in ~9 ms and [8, 151936] in ~210 ms, more than a
+    decode step's matmuls, while the top-256 takes 0.6 / 2 ms. Both give the same kept set.
     """
     logits = penalise(logits, params, seen, suppress_tokens)
     greedy = params.temperature[:, None] == 0
     scaled = logits / jnp.where(greedy, 1.0, params.temperature[:, None])
 
+    def filter_top(scaled):
+        windowed, fits = _filter_in_window(scaled, params, min(TOP_WINDOW, scaled.shape[-1]))
+        return jax.lax.cond(jnp.all(fits | greedy[:, 0]), lambda s: windowed, lambda s: _filter_sorted(s, params),
+                            scaled)
+
+    uses_top = jnp.any((params.top_k > 0) | (params.top_p < 1.0))
+    scaled = jax.lax.cond(uses_top, filter_top, lambda x: x, scaled)
+    return jnp.where(greedy, logits, scaled)
+
+
+def _filter_sorted(scaled: jax.Array, params: SamplingParams) -> jax.Array:
+    """Top-k then top-p over full-vocabulary sorts, as HF's warpers. [B, V] -> [B, V]."""
     def top_k(scaled):  # keep logits >= the k-th largest (ties kept, as HF)
         sorted_desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
         vocab = scaled.shape[-1]
@@ -81,8 +99,34 @@ def process_logits(logits: jax.Array, params: SamplingParams, seen: Optional[jax
         return jnp.where(use_p & (scaled < kept_min), NEG_INF, scaled)
 
     scaled = jax.lax.cond(jnp.any(params.top_k > 0), top_k, lambda x: x, scaled)
-    scaled = jax.lax.cond(jnp.any(params.top_p < 1.0), top_p, lambda x: x, scaled)
-    return jnp.where(greedy, logits, scaled)
+    return jax.lax.cond(jnp.any(params.top_p < 1.0), top_p, lambda x: x, scaled)
+
+
+def _filter_in_window(scaled: jax.Array, params: SamplingParams, window: int) -> tuple[jax.Array, jax.Array]:
+    """Top-k then top-p from the `window` largest logits: ([B, V] filtered, [B] whether that equals `_filter_sorted`).
+
+    Both filters keep every logit >= a threshold, so the result is exact when the threshold is found inside the
+    window. Top-k: the k-th largest is in the window and no tie of it reaches past the window. Top-p alone: the
+    window holds at least top_p of the probability (plus 1e-4 against rounding), so the first dropped token (in
+    HF's ascending order) is the largest one outside it, or one inside it. The probability outside the window
+    enters the ascending cumulative sum as its starting value.
+    """
+    values = jax.lax.top_k(scaled, window)[0]  # [B, W] descending
+    use_k, use_p = params.top_k > 0, params.top_p < 1.0  # [B]
+    k = jnp.clip(params.top_k, 1, window)
+    kth = jnp.take_along_axis(values, (k - 1)[:, None], axis=-1)[:, 0]  # [B]
+    kept_k = jnp.where(use_k[:, None] & (values < kth[:, None]), NEG_INF, values)  # [B, W]
+    log_norm = jnp.where(use_k, jax.nn.logsumexp(kept_k, axis=-1), jax.nn.logsumexp(scaled, axis=-1))  # [B]
+    probs = jnp.exp(kept_k - log_norm[:, None])  # [B, W] under the distribution after top-k
+    outside = jnp.where(use_k, 0.0, jnp.clip(1.0 - jnp.sum(probs, axis=-1), 0.0, 1.0))  # [B]
+    cum_ascending = outside[:, None] + jnp.cumsum(probs[:, ::-1], axis=-1)  # [B, W], smallest candidate first
+    drop = (cum_ascending <= (1.0 - params.top_p)[:, None]).at[:, -1].set(False)
+    kept_min_p = jnp.min(jnp.where(drop, jnp.inf, kept_k[:, ::-1]), axis=-1)  # [B]
+    threshold = jnp.where(use_k, kth, NEG_INF)
+    threshold = jnp.where(use_p, jnp.maximum(threshold, kept_min_p), threshold)
+    fits = jnp.where(use_k, (params.top_k < window) & (values[:, -1] < kth),
+                     ~use_p | (1.0 - outside >= params.top_p + 1e-4))
+    return jnp.where(scaled < threshold[:, None], NEG_INF, scaled), fits
 
 
 def penalise(logits: jax.Array, params: SamplingParams, seen: Optional[jax.Array] = None,

@@ -76,3 +76,28 @@ def test_bad_parameters_name_the_field():
         SamplingParams.make(2, top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams.make(2, temperature=[-1.0, 1.0])
+
+
+@pytest.mark.parametrize("top_k,top_p", [(40, 0.8), (1, 1.0), (255, 1.0), (256, 0.9), (300, 1.0), (0, 0.8),
+                                         (0, 0.999999), (0, 1.0), (5, 0.3)])
+@pytest.mark.parametrize("scale", [0.3, 3.0])  # flat (top-p needs many tokens) and peaked distributions
+def test_windowed_filter_equals_full_sort(top_k, top_p, scale):
+    """The lax.top_k window gives the kept set of the full sorts wherever it reports that it fits, and the
+    window is used for the released talker settings; logits with heavy ties (rounded) included."""
+    from omni_jax.sampling import TOP_WINDOW, _filter_in_window, _filter_sorted
+
+    rng = np.random.default_rng(top_k * 7 + int(top_p * 100))
+    for vocab, rounding in ((8448, None), (1000, 0.5)):
+        logits = (rng.normal(size=(4, vocab)) * scale).astype(np.float32)
+        if rounding:
+            logits = np.round(logits / rounding) * rounding  # many exact ties, some across the window edge
+        params = SamplingParams.make(4, 1.0, top_k, top_p)
+        windowed, fits = _filter_in_window(jax.numpy.asarray(logits), params, TOP_WINDOW)
+        full = np.asarray(_filter_sorted(jax.numpy.asarray(logits), params))
+        fits = np.asarray(fits)
+        np.testing.assert_array_equal(np.isinf(np.asarray(windowed))[fits], np.isinf(full)[fits])
+        np.testing.assert_array_equal(np.isinf(np.asarray(process_logits(logits, params))), np.isinf(full))
+        if (top_k, top_p) == (40, 0.8) and rounding is None:
+            assert fits.all()  # the released talker setting takes the window
+        if top_k >= TOP_WINDOW:
+            assert not fits.any()
