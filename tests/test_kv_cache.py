@@ -33,10 +33,8 @@ def test_bfloat16_write_does_not_convert_the_cache():
     cache = jnp.zeros(CACHE_SHAPE, jnp.bfloat16)
     args = (cache, jnp.ones((2, 1, 2, 8), jnp.bfloat16), jnp.ones((8,), jnp.float32), jnp.int32(3))
     hlo = jax.jit(step, donate_argnums=0).lower(*args).compile().as_text()
-    f32_cache = "f32[" + ",".join(map(str, CACHE_SHAPE)) + "]"
-    assert f32_cache not in hlo
-    # The plain update slice is what this guards against (on the CPU backend, where the rewrite happens).
-    plain = jax.jit(lambda c, k, cos, i: jax.lax.dynamic_update_slice(
-        c, (k.astype(jnp.float32) * cos).astype(jnp.bfloat16)[None], (1, 0, i, 0, 0)), donate_argnums=0)
-    if jax.default_backend() == "cpu":
-        assert f32_cache in plain.lower(*args).compile().as_text()
+    shape = ",".join(map(str, CACHE_SHAPE))
+    assert f"bf16[{shape}]" in hlo  # the cache is in the program, so the check below reads the right text
+    assert f"f32[{shape}]" not in hlo
+    # The plain update slice got exactly that float32 round trip on XLA:CPU with jax 0.10.2 (checked when this was
+    # written: `f32[4,2,16,2,8]` appears in its compiled text). Not asserted, as a later XLA may fix it.
