@@ -110,7 +110,8 @@ TileFn<W> TileFor(int64_t rows) {
 // i = (chunk i / slices, slice i % slices) sums its slice's rows into that slice's output (y itself for slice 0,
 // a partial buffer otherwise). Whoever finishes a chunk's last slice adds the partials into y.
 struct Work {
-  std::vector<float> x;  // [M, K] float32
+  const float* x;  // [M, K] float32: the input itself, or `x_widened` for bfloat16
+  std::vector<float> x_widened;
   const void* w;
   float* y;
   float* partial;  // [slices - 1, M, N]
@@ -138,9 +139,9 @@ struct Work {
       const int64_t c0 = chunk * width, c1 = std::min(N, c0 + width);
       const int64_t k0 = slice * slice_rows, k1 = std::min(K, k0 + slice_rows);
       if (bf16) {
-        TileFor<uint16_t>(rows)(x.data(), K, static_cast<const uint16_t*>(w), N, Out(slice), k0, k1, c0, c1);
+        TileFor<uint16_t>(rows)(x, K, static_cast<const uint16_t*>(w), N, Out(slice), k0, k1, c0, c1);
       } else {
-        TileFor<float>(rows)(x.data(), K, static_cast<const float*>(w), N, Out(slice), k0, k1, c0, c1);
+        TileFor<float>(rows)(x, K, static_cast<const float*>(w), N, Out(slice), k0, k1, c0, c1);
       }
       if (slices_done[chunk].fetch_add(1, std::memory_order_acq_rel) == slices - 1) Reduce(c0, c1);
       done.fetch_add(1, std::memory_order_release);
@@ -163,15 +164,16 @@ ffi::Error SmallBatchMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
     return ffi::Error::InvalidArgument("small_batch_matmul: x and w must both be float32 or both bfloat16");
   }
   auto work = std::make_shared<Work>();
-  work->x.resize(rows * K);
-  if (bf16) {
+  if (bf16) {  // widened once here; the weight is widened in registers as it streams
+    work->x_widened.resize(rows * K);
     const uint16_t* xs = static_cast<const uint16_t*>(x.untyped_data());
     for (int64_t i = 0; i < rows * K; ++i) {
       const uint32_t bits = uint32_t(xs[i]) << 16;
-      std::memcpy(&work->x[i], &bits, sizeof(float));
+      std::memcpy(&work->x_widened[i], &bits, sizeof(float));
     }
+    work->x = work->x_widened.data();
   } else {
-    std::memcpy(work->x.data(), x.untyped_data(), rows * K * sizeof(float));
+    work->x = static_cast<const float*>(x.untyped_data());
   }
   work->w = w.untyped_data();
   work->y = y->typed_data();

@@ -1,11 +1,11 @@
 """A CPU kernel for projections of a few rows (decode steps): y[M, N] = x[M, K] . w[K, N], M <= 8, f32 accumulation.
 
 XLA:CPU runs decode-step projections well below this machine's memory bandwidth: bfloat16 weights are read at
-9-16 GB/s (PyTorch's oneDNN: ~40), and float32 products of 2-8 rows at ~30 GB/s. `small_batch_matmul.cc` streams
+9-19 GB/s (PyTorch's oneDNN: ~40), and float32 products of 2-8 rows at ~30 GB/s. `small_batch_matmul.cc` streams
 each weight element once, widens bfloat16 in registers and accumulates in float32, split over XLA's intra-op
 thread pool (docs/performance.md has the measurements).
 
-The kernel is compiled with the machine's C++ compiler on first use (about 3 s) into a per-user cache and
+The kernel is compiled with the machine's C++ compiler on first use (about 2 s) into a per-user cache and
 registered as an XLA FFI target. It is used only where it applies and is faster (`use_kernel`):
 the CPU backend, no multi-device mesh, x and w of one dtype, a canonical equation, 1-8 rows, and for float32
 2-8 rows (XLA's own matrix-vector product already runs at the bandwidth bound). `OMNI_JAX_CPU_MATMUL_KERNEL=0`
