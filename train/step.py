@@ -31,6 +31,7 @@ from omni_jax.models.linear_cross_entropy import linear_cross_entropy
 from omni_jax.models.talker import Talker, init_talker
 from omni_jax.models.thinker import Thinker, init_thinker
 from omni_jax.sharding import logical_shardings, opt_state_shardings, rules_context
+from train.optimizer import clipped_adamw
 
 # freezable module -> predicate on the param key path (below the top-level "thinker"/"talker" key)
 MODULE_OF = {"audio_tower": "audio_encoder", "visual": "vision_encoder"}
@@ -68,12 +69,12 @@ def lr_schedule(learning_rate: float, warmup_steps: int, total_steps: int, end_l
         decay_steps=max(total_steps, warmup_steps + 1), end_value=learning_rate * end_lr_ratio)
 
 
-def make_optimizer(optim, total_steps: int, labels: Any) -> optax.GradientTransformation:
-    """AdamW + warmup/cosine + global-norm clipping on trainable params; zero updates for frozen ones."""
+def make_optimizer(optim, total_steps: int, labels: Any) -> optax.GradientTransformationExtraArgs:
+    """AdamW + warmup/cosine + global-norm clipping on trainable params (train.optimizer.clipped_adamw: one
+    pass per leaf, `apply=` skips a step); zero updates for frozen ones."""
     schedule = lr_schedule(optim.learning_rate, optim.warmup_steps, total_steps, optim.end_lr_ratio)
-    parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
-    parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay))
-    adamw = optax.chain(*parts)
+    adamw = clipped_adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                          clip_norm=optim.clip_norm)
     return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
 
 
@@ -181,11 +182,6 @@ def has_talker_view(batch: Mapping[str, Any]) -> bool:
     return batch.get("talker_targets") is not None
 
 
-def _tree_all_finite(tree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 class Trainer:
     """Jitted train and eval steps of the thinker (and talker) on a mesh (params sharded by their logical axes).
 
@@ -259,12 +255,13 @@ class Trainer:
         return loss_sum, tokens, jnp.float32(0), jnp.float32(0)
 
     # ------------------------------------------------------------------ step
-    def _grads(self, params, batch, talker_scale):
-        """Summed gradients of (thinker loss sum + talker_scale * talker loss sum) and the four loss sums over
-        the k stacked microbatches ([k, ...] leaves)."""
+    def _grads(self, params, batch, talker_scale, denom):
+        """Summed gradients of (thinker loss sum + talker_scale * talker loss sum) / denom and the four loss
+        sums over the k stacked microbatches ([k, ...] leaves)."""
         def objective(p, m):
             sums = self._micro_losses(p, m)
-            return sums[0] + talker_scale * sums[2], sums
+            # dividing the objective (not the gradients afterwards) saves a pass over every gradient
+            return (sums[0] + talker_scale * sums[2]) / denom, sums
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         k = batch["input_ids"].shape[0]
@@ -283,30 +280,31 @@ class Trainer:
         return grads, sums
 
     def _train_step(self, state: TrainState, batch):
-        # Gradient of thinker_sum / T + w * talker_sum / T_talker (T: loss tokens of the whole step): the k
-        # microbatches' gradients of thinker_sum + (w T / T_talker) talker_sum are summed, then divided by T.
+        # Gradient of thinker_sum / T + w * talker_sum / T_talker (T: loss tokens of the whole step): the sum of
+        # the k microbatches' gradients of (thinker_sum + (w T / T_talker) talker_sum) / T.
         denom = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
         talker_scale = jnp.float32(0)
         if self._with_talker(batch):
             talker_denom = jnp.maximum(batch["talker_loss_mask"].astype(jnp.float32).sum(), 1.0)
             talker_scale = self.talker_loss_weight * denom / talker_denom
         with rules_context():
-            grads, (loss_sum, tokens, talker_sum, talker_tokens) = self._grads(state.params, batch, talker_scale)
+            grads, (loss_sum, tokens, talker_sum, talker_tokens) = self._grads(state.params, batch, talker_scale,
+                                                                               denom)
         thinker_loss = loss_sum / jnp.maximum(tokens, 1.0)
         talker_loss = talker_sum / jnp.maximum(talker_tokens, 1.0)
         loss = thinker_loss + self.talker_loss_weight * talker_loss
-        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-        finite = jnp.isfinite(loss) & _tree_all_finite(grads)
-        updates, new_opt = self.optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        grad_norm = optax.tree.norm(grads)
+        # every gradient is finite iff their global norm is (a norm that overflows float32, > 1.8e19, counts
+        # as non-finite too); the optimizer leaves its state untouched when apply is False
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = self.optimizer.update(grads, state.opt_state, state.params, apply=finite)
+        new_params = jax.tree_util.tree_map(lambda p, u: jnp.where(finite, p + u, p), state.params, updates)
         streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
-        new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
-                               opt_state=keep(new_opt, state.opt_state),
+        new_state = TrainState(step=state.step + 1, params=new_params, opt_state=new_opt,
                                rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]),
                                nonfinite_streak=streak.astype(jnp.int32),
                                nonfinite_total=(state.nonfinite_total + (~finite)).astype(jnp.int32))
-        metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads), "finite": finite,
+        metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "finite": finite,
                    "nonfinite_streak": new_state.nonfinite_streak}
         if self._with_talker(batch):
             metrics.update(thinker_loss=thinker_loss, talker_loss=talker_loss, talker_tokens=talker_tokens)
