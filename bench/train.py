@@ -11,6 +11,8 @@ loss from `labels`, backward, clip_grad_norm_, torch.optim.AdamW; bfloat16 = tor
 weights (the same mixed precision as ours). Tokens/s counts batch x seq_len per step (median of the timed
 steps, after warm-up steps that include compilation). MFU = model FLOPs (train.metrics.train_flops_per_token:
 6 x matmul params + attention) / step time / the measured matmul peak of the same dtype on the same device.
+Defaults: ours with remat "full" (the layer is recomputed in the backward pass; its FLOPs are not counted in
+MFU, as MaxText does); both workers with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (`--no-malloc-hugepages` off).
 """
 from __future__ import annotations
 
@@ -151,7 +153,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     p.add_argument("--layers", type=int, default=None, help="override 24 layers (quick checks)")
-    p.add_argument("--remat", default="none")
+    p.add_argument("--remat", default="full", help="ours: remat policy (full: fastest here in bf16, see "
+                   "docs/performance.md; none keeps every activation)")
+    p.add_argument("--malloc-hugepages", action=argparse.BooleanOptionalAction, default=True,
+                   help="run both workers with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (large buffers on transparent "
+                   "huge pages: fewer page faults on the step's fresh temporaries)")
     p.add_argument("--loss-chunk", type=int, default=0, help="ours: fused chunked lm_head + cross-entropy (tokens)")
     p.add_argument("--attention", default="xla")
     p.add_argument("--no-hf", action="store_true")
@@ -179,12 +185,15 @@ def main(argv=None) -> int:
             if args.layers:
                 cmd += ["--layers", str(args.layers)]
             env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            if args.malloc_hugepages:
+                env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode:
                 print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
                 results.append({"impl": worker, "dtype": dtype, "error": proc.stderr[-500:]})
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r["glibc_tunables"] = env.get("GLIBC_TUNABLES", "")
             results.append(r)
             print(f"{r['impl']:16s} {dtype:9s} step {r['step_s']:.3f} s  {r['tokens_per_s']:.1f} tok/s"
                   + (f"  MFU {r['mfu']:.1%} of {r['matmul_peak_tflops']:.3f} TFLOP/s" if "mfu" in r else ""),
