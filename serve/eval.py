@@ -65,19 +65,25 @@ def read_done(out_path: str) -> tuple[set[str], set[int]]:
 
 
 class RecordWriter:
-    """Appends one JSON record per line, each flushed and fsynced before `write` returns."""
+    """Appends one JSON record per line, each flushed and fsynced before `write` returns (path None: discards
+    the records; the other processes of a multi-host run)."""
 
-    def __init__(self, path: str):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._f = open(path, "ab")
+    def __init__(self, path: Optional[str]):
+        self._f = None
+        if path is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._f = open(path, "ab")
 
     def write(self, record: dict) -> None:
+        if self._f is None:
+            return
         self._f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         self._f.flush()
         os.fsync(self._f.fileno())
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 def audio_file_name(request_id: str) -> str:
@@ -101,6 +107,25 @@ def error_record(request_id: Optional[str], error: str, line: Optional[int]) -> 
             "timings": None, "error": error}
 
 
+def _done_on_process0(out: str) -> tuple[set, set]:
+    """`read_done(out)` as process 0 sees it, on every process of a multi-host run: only process 0 reads (and
+    repairs) the output file, and every process must skip the same requests to run the same batches."""
+    import jax
+
+    if jax.process_count() == 1:
+        return read_done(out)
+    done = read_done(out) if jax.process_index() == 0 else (set(), set())
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps([sorted(done[0]), sorted(done[1])]).encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    buf = np.zeros(size, np.uint8)
+    buf[: min(size, data.size)] = data[:size]  # process 0's own bytes; the others' are ignored
+    ids, lines = json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode())
+    return set(ids), set(lines)
+
+
 # ------------------------------------------------------------------------------------------------ the run
 def run_eval(model: str, requests: str, out: str, audio_dir: Optional[str] = None, max_batch: int = 8,
              dtype: str = "float32", mesh_shape: Optional[dict] = None, progress: bool = True) -> dict[str, Any]:
@@ -108,7 +133,7 @@ def run_eval(model: str, requests: str, out: str, audio_dir: Optional[str] = Non
     start = time.perf_counter()
     if not os.path.isfile(requests):
         raise FileNotFoundError(f"requests file not found: {requests}")
-    done_ids, done_lines = read_done(out)
+    done_ids, done_lines = _done_on_process0(out)
     audio_dir = audio_dir or os.path.splitext(os.path.abspath(out))[0] + "_audio"
 
     from omni_jax.api import OmniModel
@@ -123,8 +148,9 @@ def run_eval(model: str, requests: str, out: str, audio_dir: Optional[str] = Non
     import jax
 
     # Multi-host (jax.distributed): every process runs the same batches (each feeding its devices' slice of
-    # them, see OmniModel._shard_batch); process 0 writes the records.
-    writer = RecordWriter(out if jax.process_index() == 0 else os.devnull)
+    # them, see OmniModel._shard_batch); process 0 writes the records and the wavs.
+    is_writer = jax.process_index() == 0
+    writer = RecordWriter(out if is_writer else None)
     summary = {"answered": 0, "errors": 0, "skipped": 0, "new_tokens": 0}
 
     def emit(record: dict) -> None:
@@ -152,9 +178,10 @@ def run_eval(model: str, requests: str, out: str, audio_dir: Optional[str] = Non
             if isinstance(event, Finished):
                 audio_path = None
                 if event.audio is not None:
-                    os.makedirs(audio_dir, exist_ok=True)
                     audio_path = os.path.join(audio_dir, audio_file_name(event.id))
-                    write_wav(audio_path, event.audio, SAMPLE_RATE)
+                    if is_writer:
+                        os.makedirs(audio_dir, exist_ok=True)
+                        write_wav(audio_path, event.audio, SAMPLE_RATE)
                 emit({"id": event.id, "line": event.request.line, "text": event.text, "token_ids": event.token_ids,
                       "finish_reason": event.finish_reason, "audio": audio_path,
                       "timings": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in event.timings.items()},
@@ -204,7 +231,11 @@ def main(args) -> int:
     if args.distributed:
         import jax
 
-        jax.distributed.initialize()
+        from omni_jax.sharding import maybe_initialize_distributed
+
+        maybe_initialize_distributed()  # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, if set
+        if not jax.distributed.is_initialized():
+            jax.distributed.initialize()  # cluster auto-detection (Cloud TPU, SLURM, ...)
     summary = run_eval(args.model, args.requests, args.out, audio_dir=args.audio_dir, max_batch=args.max_batch,
                        dtype=args.dtype, mesh_shape=parse_mesh(args.mesh), progress=not args.no_progress)
     print(f"eval: {summary['answered']} answered, {summary['errors']} errors, {summary['skipped']} already done; "

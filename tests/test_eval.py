@@ -150,10 +150,12 @@ def test_speech_request_writes_a_wav(setup, tmp_path):
     assert rate == 24000 and wave.size > 0 and os.path.dirname(record["audio"]) == str(tmp_path / "wavs")
 
 
-def test_two_process_eval_matches_one_process(setup, tmp_path):
+def test_two_process_eval_matches_one_process_and_resumes(setup, tmp_path):
     """Multi-host eval: two processes (jax.distributed, gloo CPU collectives, one device each) run
     `omni-jax eval --distributed --mesh data=2`; each feeds its half of every batch, process 0 writes the
-    records. Same records (greedy and seeded-sampled tokens, errors) as one process on one device."""
+    records. Process 0's output already holds two records (an earlier run killed there) and process 1 sees no
+    output file at all (another host): both skip what process 0 has, and the file ends with the same records
+    (greedy and seeded-sampled tokens, errors) as one process on one device, none twice."""
     import socket
 
     model, _, root = setup
@@ -162,27 +164,35 @@ def test_two_process_eval_matches_one_process(setup, tmp_path):
     lines.insert(2, json.dumps({"id": "missing_file", **BAD["missing_file"][0]}))
     requests = root / "two_process.jsonl"  # media paths resolve against the requests file's folder
     requests.write_text("\n".join(lines) + "\n")
+    ref = tmp_path / "one.jsonl"
+    run_eval(model, str(requests), str(ref), max_batch=4, progress=False)
+    want = {r["id"]: r for r in _records(ref)}
+    out = tmp_path / "two.jsonl"
+    earlier = [want["missing_file"], want["image"]]
+    out.write_text("".join(json.dumps(r) + "\n" for r in earlier))
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    out = tmp_path / "two.jsonl"
     procs = []
-    for i in range(2):
+    for i, path in enumerate([out, tmp_path / "host1" / "two.jsonl"]):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
                    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
         cmd = [sys.executable, "-m", "omni_jax", "eval", "--model", model, "--requests", str(requests), "--out",
-               str(out), "--max-batch", "4", "--distributed", "--mesh", "data=2", "--no-progress"]
+               str(path), "--max-batch", "4", "--distributed", "--mesh", "data=2", "--no-progress"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errs = []
     for p in procs:
         _, err = p.communicate(timeout=900)
         assert p.returncode == 0, err[-4000:]
-    ref = tmp_path / "one.jsonl"
-    run_eval(model, str(requests), str(ref), max_batch=4, progress=False)
-    got = {r["id"]: r for r in _records(out)}
-    want = {r["id"]: r for r in _records(ref)}
+        errs.append(err)
+    assert "3 answered, 0 errors, 2 already done" in errs[0], errs[0][-2000:]
+    assert not (tmp_path / "host1").exists()  # process 1 writes nothing
+    records = _records(out)
+    assert records[:2] == earlier and len(records) == len(want)
+    got = {r["id"]: r for r in records}
     assert set(got) == set(want) == set(keep) | {"missing_file"}
     for rid in keep:
         assert got[rid]["error"] is None and got[rid]["token_ids"] == want[rid]["token_ids"], rid
         assert got[rid]["text"] == want[rid]["text"]
-    assert "file not found" in got["missing_file"]["error"] and got["missing_file"]["error"] == want["missing_file"]["error"]
+    assert "file not found" in got["missing_file"]["error"]
