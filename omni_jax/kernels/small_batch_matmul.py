@@ -2,8 +2,9 @@
 
 XLA:CPU runs decode-step projections well below this machine's memory bandwidth: bfloat16 weights are read at
 9-19 GB/s (PyTorch's oneDNN: ~40), and float32 products of 2-8 rows at ~30 GB/s. `small_batch_matmul.cc` streams
-each weight element once, widens bfloat16 in registers and accumulates in float32, split over XLA's intra-op
-thread pool (docs/performance.md has the measurements).
+each weight element once and accumulates in float32, split over XLA's intra-op thread pool. bfloat16 runs on
+AVX512_BF16's pairwise dot product where the CPU has it (checked at run time; bfloat16 denormals then count as
+zero), else it is widened in registers (docs/performance.md has the measurements).
 
 The kernel is compiled with the machine's C++ compiler on first use (about 2 s) into a per-user cache and
 registered as an XLA FFI target. It is used only where it applies and is faster (`use_kernel`):
