@@ -165,6 +165,22 @@ def test_freezing_and_nonfinite_skip(model):
     assert _max_diff(p["thinker"]["audio_tower"], params["thinker"]["audio_tower"]) > 0
 
 
+def test_nonfinite_skip_with_any_optax_optimizer(model):
+    """A plain optax transformation (not make_optimizer's) also keeps params and its whole state on a NaN step."""
+    import optax
+
+    cfg, thinker, params = model
+    trainer = Trainer(thinker, optax.adamw(1e-2), make_mesh({"fsdp": 1}, devices=jax.devices()[:1]))
+    state = trainer.init_state(params)
+    good = _batch()
+    bad = dict(good, loss_mask=np.where(good["loss_mask"] > 0, np.nan, 0).astype(np.float32))
+    state, m = trainer.step(state, to_global(stack_microbatches([good], cfg.thinker), trainer.mesh))
+    before = jax.device_get((state.params, state.opt_state))
+    state, m = trainer.step(state, to_global(stack_microbatches([bad], cfg.thinker), trainer.mesh))
+    assert not bool(m["finite"]) and int(state.nonfinite_total) == 1
+    assert _max_diff(jax.device_get((state.params, state.opt_state)), before) == 0.0
+
+
 # ================================================================================================ loop
 _LOOP_ARGS = ["train.steps=8", "train.checkpoint_every=3", "train.eval_every=0", "eval.num_batches=0",
               "train.progress=false", "train.tensorboard=false", "train.plot=false",

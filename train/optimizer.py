@@ -30,6 +30,12 @@ import jax.numpy as jnp
 import optax
 
 
+class SkipsOnApply(optax.GradientTransformationExtraArgs):
+    """A transformation whose `update(..., apply=False)` leaves its state untouched and returns zero updates.
+    train.step.Trainer relies on that to skip a non-finite step without selecting over the whole state; any
+    other optax transformation gets the select (see Trainer._train_step)."""
+
+
 class ClippedAdamWState(NamedTuple):
     count: jax.Array  # [] int32: applied updates (skipped steps not counted)
     mu: Any  # first moments, the params' tree and dtypes
@@ -37,7 +43,7 @@ class ClippedAdamWState(NamedTuple):
 
 
 def clipped_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                  weight_decay: float = 1e-4, clip_norm: float = 0.0) -> optax.GradientTransformationExtraArgs:
+                  weight_decay: float = 1e-4, clip_norm: float = 0.0) -> SkipsOnApply:
     """AdamW with decoupled weight decay on every leaf and, for clip_norm > 0, global-norm clipping first;
     `update(..., apply=flag)` skips the step when flag is False (see the module docstring)."""
     schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
@@ -79,4 +85,4 @@ def clipped_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: fl
         updates = jax.tree_util.tree_map(step, params, mu, nu)
         return updates, ClippedAdamWState(count=jnp.where(apply, count, state.count), mu=mu, nu=nu)
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return SkipsOnApply(init, update)

@@ -31,7 +31,7 @@ from omni_jax.models.linear_cross_entropy import linear_cross_entropy
 from omni_jax.models.talker import Talker, init_talker
 from omni_jax.models.thinker import Thinker, init_thinker
 from omni_jax.sharding import logical_shardings, opt_state_shardings, rules_context
-from train.optimizer import clipped_adamw
+from train.optimizer import SkipsOnApply, clipped_adamw
 
 # freezable module -> predicate on the param key path (below the top-level "thinker"/"talker" key)
 MODULE_OF = {"audio_tower": "audio_encoder", "visual": "vision_encoder"}
@@ -69,13 +69,13 @@ def lr_schedule(learning_rate: float, warmup_steps: int, total_steps: int, end_l
         decay_steps=max(total_steps, warmup_steps + 1), end_value=learning_rate * end_lr_ratio)
 
 
-def make_optimizer(optim, total_steps: int, labels: Any) -> optax.GradientTransformationExtraArgs:
+def make_optimizer(optim, total_steps: int, labels: Any) -> SkipsOnApply:
     """AdamW + warmup/cosine + global-norm clipping on trainable params (train.optimizer.clipped_adamw: one
-    pass per leaf, `apply=` skips a step); zero updates for frozen ones."""
+    pass per leaf, `apply=` skips a step); zero updates for frozen ones (set_to_zero has no state)."""
     schedule = lr_schedule(optim.learning_rate, optim.warmup_steps, total_steps, optim.end_lr_ratio)
     adamw = clipped_adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
                           clip_norm=optim.clip_norm)
-    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
+    return SkipsOnApply(*optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels))
 
 
 def token_losses(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -297,8 +297,14 @@ class Trainer:
         # every gradient is finite iff their global norm is (a norm that overflows float32, > 1.8e19, counts
         # as non-finite too); the optimizer leaves its state untouched when apply is False
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = self.optimizer.update(grads, state.opt_state, state.params, apply=finite)
-        new_params = jax.tree_util.tree_map(lambda p, u: jnp.where(finite, p + u, p), state.params, updates)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        if isinstance(self.optimizer, SkipsOnApply):  # make_optimizer's: skips inside its one pass per leaf
+            updates, new_opt = self.optimizer.update(grads, state.opt_state, state.params, apply=finite)
+        else:  # any other optax transformation: keep its old state on a skipped step
+            updates, new_opt = optax.with_extra_args_support(self.optimizer).update(grads, state.opt_state,
+                                                                                     state.params)
+            new_opt = keep(new_opt, state.opt_state)
+        new_params = keep(optax.apply_updates(state.params, updates), state.params)
         streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
         new_state = TrainState(step=state.step + 1, params=new_params, opt_state=new_opt,
                                rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]),
