@@ -49,9 +49,8 @@ def clipped_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: fl
     schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
     def init(params):
-        zeros = lambda p: jnp.zeros_like(p)  # noqa: E731
-        return ClippedAdamWState(count=jnp.zeros((), jnp.int32), mu=jax.tree_util.tree_map(zeros, params),
-                                 nu=jax.tree_util.tree_map(zeros, params))
+        return ClippedAdamWState(count=jnp.zeros((), jnp.int32), mu=jax.tree_util.tree_map(jnp.zeros_like, params),
+                                 nu=jax.tree_util.tree_map(jnp.zeros_like, params))
 
     def update(grads, state: ClippedAdamWState, params=None, *, apply=True, **unused_extra_args):
         if params is None:

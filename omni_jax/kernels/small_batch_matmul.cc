@@ -3,7 +3,8 @@
 // XLA:CPU runs these products through a GEMM library whose small-M kernels leave this machine's memory
 // bandwidth unused (f32 M=8: ~60% of it) and whose bfloat16 path reads the weight at 9-16 GB/s. Here every
 // weight element is read once, streamed row by row, bfloat16 multiplied with AVX512_BF16's dot product where the
-// CPU has it (TileDot) or widened to float32 in registers (Tile), and all products accumulate in float32 (the `preferred_element_type=float32` contract of omni_jax.models.layers.Einsum).
+// CPU has it (TileDot) or widened to float32 in registers (Tile), and all products accumulate in float32 (the
+// `preferred_element_type=float32` contract of omni_jax.models.layers.Einsum).
 //
 // x and w share one dtype, float32 or bfloat16; both are row-major. The weight is cut into row slices and column
 // chunks (`Work`) that XLA's intra-op thread pool and the calling thread take from a shared counter.
@@ -39,6 +40,24 @@ inline __m512 Load16(const uint16_t* p, __mmask16 mask) {  // bfloat16 -> float3
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
+// Panel i of a tile's columns [c0, c1) (panels of kPanel columns): its first column, the store masks of its two
+// 16-column halves, and where to prefetch. Software prefetch reaches the weight a row will need kPrefetchPanels
+// panels later in the visiting order (further along the row, or in a later row block for a narrow tile): the
+// hardware prefetchers lose these streams when several run at once (measured: M=8 17.8 -> 35 GB/s).
+struct Panel {
+  int64_t p;                // first column
+  __mmask16 ma, mb;         // columns p..p+15, p+16..p+31 inside the tile
+  int64_t blocks_ahead;     // row blocks between this panel and the prefetched one
+  int64_t prefetch_offset;  // elements from the current weight row to the prefetched address
+
+  Panel(int64_t c0, int64_t c1, int64_t i, int64_t panels, int64_t N)
+      : p(c0 + i * kPanel), ma(Mask16(c1 - p)), mb(Mask16(c1 - p - 16)) {
+    const int64_t ahead = i + kPrefetchPanels;
+    blocks_ahead = ahead / panels;
+    prefetch_offset = blocks_ahead * kRowBlock * N + (ahead % panels - i) * kPanel;
+  }
+};
+
 // y[m, c] = sum over k in [k_begin, k_end) of x[m, k] * w[k, c], for c in [c0, c1). x: float32 [M, K];
 // w: [K, N]; y: float32 with row stride N. The rows are visited in blocks of kRowBlock; within a block, panel by
 // panel along the rows (kRowBlock sequential streams through adjacent memory).
@@ -49,14 +68,9 @@ void Tile(const float* x, int64_t K, const W* w, int64_t N, float* y, int64_t k_
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kRowBlock) {
     const int64_t k1 = std::min(k_end, k0 + kRowBlock);
     for (int64_t i = 0; i < panels; ++i) {
-      const int64_t p = c0 + i * kPanel;
-      const __mmask16 ma = Mask16(c1 - p), mb = Mask16(c1 - p - 16);
-      // Software prefetch of the weight this row will need kPrefetchPanels panels later in the visiting order
-      // (further along the row, or in the next row block for a narrow tile): the hardware prefetchers lose
-      // these streams when several run at once (measured: M=8 17.8 -> 35 GB/s).
-      const int64_t ahead = i + kPrefetchPanels;
-      const int64_t blocks_ahead = ahead / panels;
-      const int64_t prefetch_offset = blocks_ahead * kRowBlock * N + (ahead % panels - i) * kPanel;
+      const Panel panel(c0, c1, i, panels, N);
+      const int64_t p = panel.p, blocks_ahead = panel.blocks_ahead, prefetch_offset = panel.prefetch_offset;
+      const __mmask16 ma = panel.ma, mb = panel.mb;
       __m512 acc[M][2];
       for (int m = 0; m < M; ++m) {
         if (k0 == k_begin) {
@@ -93,7 +107,8 @@ void Tile(const float* x, int64_t K, const W* w, int64_t N, float* y, int64_t k_
 // instructions of widening to float32; at M = 8 the widening path is bound by them, not by memory). The two
 // rows' panels are interleaved in registers (vpunpck{l,h}wd), so the accumulators hold the panel's 32 columns in
 // the order {0-3, 8-11, 16-19, 24-27} | {4-7, 12-15, ...} and are permuted from y and back at the panel's ends.
-// x_pairs: the bfloat16 input itself, [M, K]. bfloat16 denormals count as zero (the instruction's DAZ).
+// x: the bfloat16 input itself, [M, K] (pairs x[m, k], x[m, k+1] are broadcast per row). bfloat16 denormals
+// count as zero (the instruction's DAZ).
 template <int M>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void TileDot(const uint16_t* x, int64_t K,
                                                                      const uint16_t* w, int64_t N, float* y,
@@ -107,13 +122,10 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void TileDot(const uint16
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kRowBlock) {
     const int64_t k1 = std::min(k_end, k0 + kRowBlock);
     for (int64_t i = 0; i < panels; ++i) {
-      const int64_t p = c0 + i * kPanel;
-      const int64_t cols = c1 - p;
-      const __mmask16 ma = Mask16(cols), mb = Mask16(cols - 16);
-      const __mmask32 mw = cols >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << cols) - 1);
-      const int64_t ahead = i + kPrefetchPanels;
-      const int64_t blocks_ahead = ahead / panels;
-      const int64_t prefetch_offset = blocks_ahead * kRowBlock * N + (ahead % panels - i) * kPanel;
+      const Panel panel(c0, c1, i, panels, N);
+      const int64_t p = panel.p, blocks_ahead = panel.blocks_ahead, prefetch_offset = panel.prefetch_offset;
+      const __mmask16 ma = panel.ma, mb = panel.mb;
+      const __mmask32 mw = __mmask32(ma) | (__mmask32(mb) << 16);  // the panel's 32 bf16 weight columns
       __m512 acc[M][2];
       for (int m = 0; m < M; ++m) {
         if (k0 == k_begin) {
