@@ -72,3 +72,31 @@ def test_blocked_bfloat16_close_to_float32():
     assert got.dtype == jnp.bfloat16
     # bf16 inputs and probabilities: ~2-3 significant digits of O(1) outputs
     np.testing.assert_allclose(np.asarray(got, np.float32), ref, atol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (12, 4), (4, 4)])
+def test_decode_path_equals_dense(dtype, heads, kv_heads):
+    """One query per row over a cache (left padding in row 1, empty slots at the end, a row with no allowed key):
+    the CPU multiply-reduce decode path equals the dense einsum path."""
+    rng = np.random.default_rng(heads)
+    batch, slots, dim, written = 3, 37, 16, 30
+    q = jnp.asarray(rng.standard_normal((batch, 1, heads, dim)), dtype)
+    k = jnp.asarray(rng.standard_normal((batch, slots, kv_heads, dim)), dtype)
+    v = jnp.asarray(rng.standard_normal((batch, slots, kv_heads, dim)), dtype)
+    kv_seg = np.zeros((batch, slots), np.int32)
+    kv_seg[:, :written] = 1
+    kv_seg[1, :11] = 0  # left padding
+    q_seg = np.ones((batch, 1), np.int32)
+    q_seg[2] = 0  # a padding query: no allowed key, output 0 on both paths
+    mask = AttentionMask(jnp.asarray(q_seg), jnp.asarray(kv_seg), jnp.full((batch, 1), written - 1, jnp.int32),
+                         jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (batch, slots)), causal=True)
+    assert attn._use_decode(q) == (jax.default_backend() == "cpu")
+    dense = attn._xla_attention(q, k, v, mask, dim**-0.5)
+    got = jax.jit(lambda q, k, v: attn._decode_attention(q, k, v, mask, dim**-0.5))(q, k, v)
+    assert got.dtype == dtype and got.shape == dense.shape
+    # float32: the same products summed in another order (2e-6). bfloat16: the same float32 sums and bf16-rounded
+    # probabilities; the output's own bf16 rounding can differ by one ulp (2^-8 relative) after an f32 difference.
+    tol = 2e-6 if dtype == jnp.float32 else 8e-3
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(dense, np.float32), atol=tol, rtol=tol)
+    assert np.all(np.asarray(got, np.float32)[2] == 0)

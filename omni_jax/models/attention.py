@@ -80,6 +80,30 @@ def _xla_attention(q, k, v, mask: AttentionMask, scale: float) -> jax.Array:
     return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
 
 
+def _decode_attention(q, k, v, mask: AttentionMask, scale: float) -> jax.Array:
+    """`_xla_attention` for one query per row on the CPU, as multiply-reduce fusions that read k/v [B, S, K, d] in
+    place. The dot form needs the (b, kv-head) batch dims leading, so XLA:CPU copied every layer's cache slice into
+    [B, K, d, S] / [B, K, S, d] at every step: talker bf16 decode at batch 8 over 1058 slots, 82 ms of transposes
+    and 30 ms of dots in a ~200 ms step. Same products and float32 sums (in another order) as `_xla_attention`,
+    probabilities rounded to v's dtype as there."""
+    batch, _, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    groups = num_heads // num_kv_heads
+    qf = q.reshape(batch, 1, num_kv_heads, groups, head_dim).astype(jnp.float32)  # [B, 1, K, G, d]
+    logits = jnp.sum(qf * k.astype(jnp.float32)[:, :, :, None, :], axis=-1) * scale  # [B, S, K, G]
+    allowed = mask.dense()[:, 0, :, None, None]  # [B, S, 1, 1]
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=1)
+    probs = jnp.where(allowed, probs, 0.0).astype(v.dtype).astype(jnp.float32)
+    out = jnp.sum(probs[..., None] * v.astype(jnp.float32)[:, :, :, None, :], axis=1)  # [B, K, G, d]
+    return out.reshape(batch, 1, num_heads, head_dim).astype(q.dtype)
+
+
+def _use_decode(q) -> bool:
+    """The multiply-reduce path for decode steps (one query per row) on the CPU."""
+    return jax.default_backend() == "cpu" and q.shape[1] == 1
+
+
 BLOCK = 128  # query / key block of the CPU blocked path
 
 
@@ -240,6 +264,8 @@ def attention(
     if backend == "xla":
         if _use_blocked(q, k, mask):
             return _blocked_attention(q, k, v, mask, scale)
+        if _use_decode(q):
+            return _decode_attention(q, k, v, mask, scale)
         return _xla_attention(q, k, v, mask, scale)
     if backend == "cudnn":
         return _cudnn_attention(q, k, v, mask, scale)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from omni_jax.config import REMAT_POLICIES
 from omni_jax.models.attention import AttentionMask, attention
-from omni_jax.models.kv_cache import KVCache, write_cache_slots
+from omni_jax.models.kv_cache import KVCache, from_storage, to_storage
 from omni_jax.models.layers import Einsum, RMSNorm, constrain
 from omni_jax.models.rotary import apply_rotary, mrope_cos_sin
 
@@ -32,6 +32,7 @@ class SelfAttention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_backend: str = "xla"
+    cache_dtype: Any = None  # logical dtype of cache_k / cache_v (KVCache.dtype)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask: AttentionMask, layer_index, write_index, cache_k, cache_v):
@@ -48,12 +49,12 @@ class SelfAttention(nn.Module):
         k = constrain(apply_rotary(k, cos, sin), (ACT_BATCH, ACT_LENGTH, "activation_kv_heads", None))  # [B, T, K, d]
         v = constrain(v, (ACT_BATCH, ACT_LENGTH, "activation_kv_heads", None))
 
-        if cache_k is not None:
+        if cache_k is not None:  # caches hold storage_dtype(cache_dtype) (the bits of 16-bit floats)
             start = (layer_index, 0, write_index, 0, 0)
-            cache_k = write_cache_slots(cache_k, k[None], start)
-            cache_v = write_cache_slots(cache_v, v[None], start)
-            k = cache_k[layer_index].astype(self.dtype)  # [B, S, K, d]
-            v = cache_v[layer_index].astype(self.dtype)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, to_storage(k[None], self.cache_dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, to_storage(v[None], self.cache_dtype), start)
+            k = from_storage(cache_k[layer_index], self.cache_dtype).astype(self.dtype)  # [B, S, K, d]
+            v = from_storage(cache_v[layer_index], self.cache_dtype).astype(self.dtype)
 
         out = attention(q, k, v, mask, scale=d**-0.5, backend=self.attention_backend)  # [B, T, H, d]
         out = Einsum("btnh,nhd->btd", (H, d, D), ("heads", "head_dim", "embed"), name="o_proj", **kw)(out)
@@ -90,6 +91,7 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_backend: str = "xla"
+    cache_dtype: Any = None
 
     @nn.compact
     def __call__(self, carry, layer_index, cos, sin, mask: AttentionMask, write_index):
@@ -99,7 +101,7 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(self.hidden_size, self.rms_norm_eps, name="input_layernorm", **kw)(x)
         attn_out, cache_k, cache_v = SelfAttention(
             self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
-            attention_backend=self.attention_backend, name="self_attn", **kw,
+            attention_backend=self.attention_backend, cache_dtype=self.cache_dtype, name="self_attn", **kw,
         )(h, cos, sin, mask, layer_index, write_index, cache_k, cache_v)
         x = constrain(x + attn_out, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
         h = RMSNorm(self.hidden_size, self.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
@@ -164,7 +166,8 @@ class TextDecoder(nn.Module):
         layer_kwargs = dict(
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size, num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
-            dtype=self.dtype, param_dtype=self.param_dtype, attention_backend=self.attention_backend)
+            dtype=self.dtype, param_dtype=self.param_dtype, attention_backend=self.attention_backend,
+            cache_dtype=None if cache is None else cache.dtype)
         carry = (x, cache_k, cache_v)
         if self.scan_layers:
             stack = nn.scan(
@@ -185,5 +188,6 @@ class TextDecoder(nn.Module):
 
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(k=cache_k, v=cache_v, segment_ids=mask.kv_segment_ids, length=write_index + length)
+            new_cache = KVCache(k=cache_k, v=cache_v, segment_ids=mask.kv_segment_ids, length=write_index + length,
+                                dtype=cache.dtype)
         return x, new_cache
