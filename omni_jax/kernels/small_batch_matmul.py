@@ -14,75 +14,27 @@ turns it off; without a compiler or AVX-512 everything runs through `jnp.einsum`
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import logging
 import math
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-log = logging.getLogger(__name__)
+from omni_jax.kernels import build
 
 _SOURCE = Path(__file__).with_name("small_batch_matmul.cc")
 _TARGET = "omni_jax_small_batch_matmul"
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl")
-_CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl")
 MAX_ROWS = 8
 ENV_SWITCH = "OMNI_JAX_CPU_MATMUL_KERNEL"
-
-
-def _cpu_has_features() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return all(feature in flags for feature in _CPU_FEATURES)
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("OMNI_JAX_KERNEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "omni_jax", "kernels")
-    return Path(root)
-
-
-def _build(include_dir: str) -> Path:
-    """Compile the kernel once per (source, flags, jaxlib) into the cache; the write is atomic (rename)."""
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + jax.__version__.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"small_batch_matmul-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    compiler = os.environ.get("CXX", "g++")
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        cmd = [compiler, *_FLAGS, f"-I{include_dir}", str(_SOURCE), "-o", str(out)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
-        os.replace(out, target)
-    return target
+_cpu_has_features = build.cpu_has_features
 
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether the kernel is built and registered (compiles it on the first call)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0" or not sys.platform.startswith("linux") or not _cpu_has_features():
-        return False
-    try:
-        library = ctypes.cdll.LoadLibrary(str(_build(jax.ffi.include_dir())))
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.OmniJaxSmallBatchMatmul), platform="cpu")
-    except (OSError, RuntimeError, AttributeError) as error:
-        log.warning("CPU small-batch matmul kernel unavailable, using XLA's dot: %s", error)
-        return False
-    return True
+    return build.load(_SOURCE, {_TARGET: "OmniJaxSmallBatchMatmul"}, ENV_SWITCH)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -106,11 +58,6 @@ def _canonical_split(equation: str) -> Optional[tuple[int, int]]:
     return n_rows, len(contracted)
 
 
-def _multi_device_mesh() -> bool:
-    mesh = jax.sharding.get_abstract_mesh()
-    return not mesh.empty and mesh.size > 1
-
-
 def use_kernel(equation: str, x: jax.Array, w: jax.Array) -> bool:
     """Whether `einsum(equation, x, w)` should run on the kernel (see the module docstring)."""
     if x.dtype != w.dtype or x.dtype not in (jnp.float32, jnp.bfloat16) or jax.default_backend() != "cpu":
@@ -120,7 +67,7 @@ def use_kernel(equation: str, x: jax.Array, w: jax.Array) -> bool:
         return False
     rows = math.prod(x.shape[:split[0]])
     min_rows = 1 if x.dtype == jnp.bfloat16 else 2
-    if not min_rows <= rows <= MAX_ROWS or _multi_device_mesh():
+    if not min_rows <= rows <= MAX_ROWS or build.multi_device_mesh():
         return False
     return available()
 

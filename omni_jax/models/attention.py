@@ -21,6 +21,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from omni_jax.kernels import cache_attention
+from omni_jax.models.kv_cache import from_storage
+
 BACKENDS = ("xla", "cudnn", "pallas")
 
 
@@ -282,3 +285,24 @@ def attention(
             causal=mask.causal, scale=scale,
         )
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+
+
+def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer_index, cache_dtype,
+                     mask: AttentionMask, *, scale: float, backend: str = "xla") -> jax.Array:
+    """`attention` of q [B, T, H, d] over layer `layer_index` of stacked caches [L, B, S, K, d] (KVCache storage:
+    `storage_dtype(cache_dtype)`), keys and values read as q's dtype.
+
+    Decode steps (T = 1) on the CPU run on `omni_jax.kernels.cache_attention`, which reads the layer where it lies
+    (no per-layer copy into the dot's layout); the masked softmax is `_xla_attention`'s, probabilities rounded
+    to q's dtype as there. Elsewhere the layer is sliced and `attention` runs."""
+    if (backend == "xla" and q.shape[1] == 1 and jnp.dtype(cache_dtype) == q.dtype
+            and cache_attention.use_kernel(q.shape[2], cache_k, cache_dtype)):
+        logits = cache_attention.scores(q[:, 0], cache_k, layer_index) * scale  # [B, H, S]
+        allowed = mask.dense()[:, 0, None, :]  # [B, 1, S]
+        logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        probs = jnp.where(allowed, probs, 0.0).astype(q.dtype)  # rows with no allowed key give 0
+        return cache_attention.mix(probs, cache_v, layer_index)[:, None].astype(q.dtype)  # [B, 1, H, d]
+    k = from_storage(cache_k[layer_index], cache_dtype).astype(q.dtype)  # [B, S, K, d]
+    v = from_storage(cache_v[layer_index], cache_dtype).astype(q.dtype)
+    return attention(q, k, v, mask, scale=scale, backend=backend)

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from omni_jax.config import REMAT_POLICIES
-from omni_jax.models.attention import AttentionMask, attention
-from omni_jax.models.kv_cache import KVCache, from_storage, to_storage
+from omni_jax.models.attention import AttentionMask, attention, cached_attention
+from omni_jax.models.kv_cache import KVCache, to_storage
 from omni_jax.models.layers import Einsum, RMSNorm, constrain
 from omni_jax.models.rotary import apply_rotary, mrope_cos_sin
 
@@ -53,10 +53,10 @@ class SelfAttention(nn.Module):
             start = (layer_index, 0, write_index, 0, 0)
             cache_k = jax.lax.dynamic_update_slice(cache_k, to_storage(k[None], self.cache_dtype), start)
             cache_v = jax.lax.dynamic_update_slice(cache_v, to_storage(v[None], self.cache_dtype), start)
-            k = from_storage(cache_k[layer_index], self.cache_dtype).astype(self.dtype)  # [B, S, K, d]
-            v = from_storage(cache_v[layer_index], self.cache_dtype).astype(self.dtype)
-
-        out = attention(q, k, v, mask, scale=d**-0.5, backend=self.attention_backend)  # [B, T, H, d]
+            out = cached_attention(q, cache_k, cache_v, layer_index, self.cache_dtype, mask, scale=d**-0.5,
+                                   backend=self.attention_backend)  # [B, T, H, d]
+        else:
+            out = attention(q, k, v, mask, scale=d**-0.5, backend=self.attention_backend)  # [B, T, H, d]
         out = Einsum("btnh,nhd->btd", (H, d, D), ("heads", "head_dim", "embed"), name="o_proj", **kw)(out)
         return out, cache_k, cache_v
 

@@ -1,0 +1,76 @@
+"""Compile a kernel source of this package with the machine's C++ compiler and register its XLA FFI targets.
+
+A source is compiled once per (source text, flags, jax version) into a per-user cache (`OMNI_JAX_KERNEL_CACHE`,
+default ~/.cache/omni_jax/kernels; the write is an atomic rename) and loaded with ctypes; each exported handler
+symbol is registered as a CPU FFI target. Kernels need AVX-512 (checked in /proc/cpuinfo) and Linux.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+
+log = logging.getLogger(__name__)
+
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl")
+CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl")
+
+
+def cpu_has_features() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return all(feature in flags for feature in CPU_FEATURES)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("OMNI_JAX_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "omni_jax", "kernels")
+    return Path(root)
+
+
+def compile_source(source: Path) -> Path:
+    """The shared library of `source`, compiled into the cache on first use."""
+    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + jax.__version__.encode()).hexdigest()[:16]
+    target = cache_dir() / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    compiler = os.environ.get("CXX", "g++")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", str(out)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
+        os.replace(out, target)
+    return target
+
+
+def load(source: Path, targets: dict[str, str], switch: str) -> bool:
+    """Build `source` and register {ffi target name: exported handler symbol}; False (logged) where it cannot be,
+    or where the environment variable `switch` is "0"."""
+    if os.environ.get(switch, "1") == "0" or not sys.platform.startswith("linux") or not cpu_has_features():
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(str(compile_source(source)))
+        for name, symbol in targets.items():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    except (OSError, RuntimeError, AttributeError) as error:
+        log.warning("CPU kernel %s unavailable, using XLA: %s", source.name, error)
+        return False
+    return True
+
+
+def multi_device_mesh() -> bool:
+    """Whether a mesh of several devices is set (the SPMD partitioner cannot split a custom call)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.size > 1
