@@ -207,7 +207,7 @@ def ours_talker(args) -> dict:
     prefill_fn, decode_fn = make_talker_fns(apply_fn, codec_embed, max_new_tokens=steps + 1, eos_ids=unreachable_eos,
                                             pad_id=cfg.tts_codec_pad_token_id, vocab_size=cfg.vocab_size,
                                             suppress_tokens=(cfg.tts_codec_start_token_id,))
-    out = {}
+    out = {"read_bytes_per_s": read_bandwidth(), "decode_weight_bytes": talker_decode_bytes(params, cfg)}
     for batch in args.talker_batches:
         rng = np.random.default_rng(batch)
         embeds = jnp.asarray(rng.standard_normal((batch, prompt, cfg.embedding_size)) * 0.1, args.dtype)
@@ -240,6 +240,29 @@ def ours_talker(args) -> dict:
                                     tokens_per_s=batch / statistics.median(per_step),
                                     times_s=[round(t, 3) for t in times], compile_s=round(compile_s, 2))
     return out
+
+
+def read_bandwidth() -> float:
+    """The machine's read bandwidth now (bytes/s): best jitted sum over a 1 GiB float32 array, as
+    bench/generate.py measures it. This VM's bandwidth moves between ~45 and ~80 GB/s over minutes, and batch-1
+    decode follows it."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((256, 1024, 1024), jnp.float32)
+    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    total(x).block_until_ready()
+    best = min(_timed(lambda: total(x).block_until_ready(), 1)[0] for _ in range(8))
+    return x.nbytes / best
+
+
+def talker_decode_bytes(params, cfg) -> int:
+    """Weight bytes one talker decode step reads: every parameter but the codec embedding table (one row)."""
+    import jax
+
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return int(sum(leaf.nbytes for path, leaf in leaves
+                   if not (leaf.ndim == 2 and leaf.shape[0] == cfg.vocab_size and "embed" in jax.tree_util.keystr(path))))
 
 
 def nn_unbox(tree):
@@ -456,6 +479,15 @@ def markdown_table(data: dict) -> str:
             ratio = u / h if h and u else None
             lines.append(f"| {dtype} | {batch} | {_fmt(h)} | {_fmt(u)} | {_fmt(ratio)}x | "
                          f"{'-' if ratio is None else ('yes' if ratio >= 2 else 'no')} |")
+    for dtype in ("float32", "bfloat16"):
+        bw = _get(res, "ours", "talker", dtype, "read_bytes_per_s")
+        nbytes = _get(res, "ours", "talker", dtype, "decode_weight_bytes")
+        u = _get(res, "ours", "talker", dtype, "batch1", "tokens_per_s")
+        if bw and nbytes and u:
+            bound = bw / nbytes
+            lines.append(f"\nTalker {dtype} batch 1: read bandwidth {bw / 1e9:.1f} GB/s in ours' worker, "
+                         f"{nbytes / 1e9:.2f} GB of weights a step: bound {bound:.2f} tok/s, ours at "
+                         f"{100 * u / bound:.0f}% of it.")
     peak = res.get("ours/peak/all", {})
     if peak:
         lines += ["", "Matmul GFLOP/s (jitted jnp.dot): " + ", ".join(f"{k} {v}" for k, v in sorted(peak.items())
