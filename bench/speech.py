@@ -243,17 +243,11 @@ def ours_talker(args) -> dict:
 
 
 def read_bandwidth() -> float:
-    """The machine's read bandwidth now (bytes/s): best jitted sum over a 1 GiB float32 array, as
-    bench/generate.py measures it. This VM's bandwidth moves between ~45 and ~80 GB/s over minutes, and batch-1
-    decode follows it."""
-    import jax
-    import jax.numpy as jnp
+    """The machine's read bandwidth now (bytes/s), with bench/generate.py's probe (this VM's bandwidth moves
+    between ~40 and ~80 GB/s over minutes, and batch-1 decode follows it)."""
+    from generate import worker_bandwidth  # bench/ is on sys.path: this script runs as `python bench/speech.py`
 
-    x = jnp.ones((256, 1024, 1024), jnp.float32)
-    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    total(x).block_until_ready()
-    best = min(_timed(lambda: total(x).block_until_ready(), 1)[0] for _ in range(8))
-    return x.nbytes / best
+    return worker_bandwidth(None)["read_bytes_per_s"]
 
 
 def talker_decode_bytes(params, cfg) -> int:

@@ -1,8 +1,8 @@
 """Compile a kernel source of this package with the machine's C++ compiler and register its XLA FFI targets.
 
-A source is compiled once per (source text, flags, jax version) into a per-user cache (`OMNI_JAX_KERNEL_CACHE`,
-default ~/.cache/omni_jax/kernels; the write is an atomic rename) and loaded with ctypes; each exported handler
-symbol is registered as a CPU FFI target. Kernels need AVX-512 (checked in /proc/cpuinfo) and Linux.
+A source is compiled once per (source and header texts, flags, jax version) into a per-user cache
+(`OMNI_JAX_KERNEL_CACHE`, default ~/.cache/omni_jax/kernels; the write is an atomic rename) and loaded with
+ctypes; each exported handler symbol is registered as a CPU FFI target. Kernels need AVX-512 (checked in /proc/cpuinfo) and Linux.
 """
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ def cache_dir() -> Path:
 
 
 def compile_source(source: Path) -> Path:
-    """The shared library of `source`, compiled into the cache on first use."""
-    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + jax.__version__.encode()).hexdigest()[:16]
+    """The shared library of `source`, compiled into the cache on first use. The key covers the source, the
+    headers beside it (the kernels include them), the flags and the jax version."""
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    key = hashlib.sha256(text + " ".join(FLAGS).encode() + jax.__version__.encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target

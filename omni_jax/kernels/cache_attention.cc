@@ -11,11 +11,9 @@
 // taken from a shared counter by XLA's intra-op thread pool and the calling thread.
 #include <immintrin.h>
 
-#include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
 
+#include "pool_items.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -39,8 +37,9 @@ struct Shape {
 };
 
 // scores[b, kh * G + g, s] for all slots s; q: float32 [B, H, d].
-template <int G, typename C>
-void ScoresItem(const float* q, const C* cache, float* scores, const Shape& sh, int64_t b, int64_t kh) {
+template <typename C, int G>
+void ScoresItem(const float* q, const void* cache_data, float* scores, const Shape& sh, int64_t b, int64_t kh) {
+  const C* cache = static_cast<const C*>(cache_data);
   const int64_t H = sh.K * G;
   const float* qb = q + (b * H + kh * G) * sh.d;
   float* out = scores + (b * H + kh * G) * sh.S;
@@ -57,8 +56,9 @@ void ScoresItem(const float* q, const C* cache, float* scores, const Shape& sh, 
 }
 
 // out[b, kh * G + g, :] = sum_s p[b, kh * G + g, s] * v[s, :]; p: float32 [B, H, S].
-template <int G, typename C>
-void MixItem(const float* p, const C* cache, float* out, const Shape& sh, int64_t b, int64_t kh) {
+template <typename C, int G>
+void MixItem(const float* p, const void* cache_data, float* out, const Shape& sh, int64_t b, int64_t kh) {
+  const C* cache = static_cast<const C*>(cache_data);
   const int64_t H = sh.K * G;
   const float* pb = p + (b * H + kh * G) * sh.S;
   float* ob = out + (b * H + kh * G) * sh.d;
@@ -86,69 +86,29 @@ void MixItem(const float* p, const C* cache, float* out, const Shape& sh, int64_
 
 using ItemFn = void (*)(const float*, const void*, float*, const Shape&, int64_t, int64_t);
 
-template <template <int, typename> class Kind, typename C>
-struct Bind {
-  template <int G>
-  static void Run(const float* a, const void* cache, float* out, const Shape& sh, int64_t b, int64_t kh) {
-    Kind<G, C>::Run(a, static_cast<const C*>(cache), out, sh, b, kh);
-  }
-  static ItemFn For(int64_t groups) {
-    switch (groups) {
-      case 1: return Run<1>;
-      case 2: return Run<2>;
-      case 3: return Run<3>;
-      case 4: return Run<4>;
-      case 5: return Run<5>;
-      case 6: return Run<6>;
-      case 7: return Run<7>;
-      default: return Run<8>;
-    }
-  }
-};
+// The item function for a cache element type C and 1 <= groups <= kMaxGroups query heads per kv head.
+template <typename C>
+ItemFn ItemFor(bool scores, int64_t groups) {
+  static constexpr ItemFn kScores[kMaxGroups] = {ScoresItem<C, 1>, ScoresItem<C, 2>, ScoresItem<C, 3>,
+                                                 ScoresItem<C, 4>, ScoresItem<C, 5>, ScoresItem<C, 6>,
+                                                 ScoresItem<C, 7>, ScoresItem<C, 8>};
+  static constexpr ItemFn kMix[kMaxGroups] = {MixItem<C, 1>, MixItem<C, 2>, MixItem<C, 3>, MixItem<C, 4>,
+                                              MixItem<C, 5>, MixItem<C, 6>, MixItem<C, 7>, MixItem<C, 8>};
+  return (scores ? kScores : kMix)[groups - 1];
+}
 
-template <int G, typename C>
-struct Scores {
-  static void Run(const float* q, const C* cache, float* out, const Shape& sh, int64_t b, int64_t kh) {
-    ScoresItem<G, C>(q, cache, out, sh, b, kh);
-  }
-};
-
-template <int G, typename C>
-struct Mix {
-  static void Run(const float* p, const C* cache, float* out, const Shape& sh, int64_t b, int64_t kh) {
-    MixItem<G, C>(p, cache, out, sh, b, kh);
-  }
-};
-
-struct Work {
-  ItemFn fn;
-  const float* a;
-  const void* cache;
-  float* out;
-  Shape sh;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Drain() {
-    const int64_t items = sh.B * sh.K;
-    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
-      fn(a, cache, out, sh, i / sh.K, i % sh.K);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-// Shared by both handlers: check the operands, pick the item function, run the items on the pool.
-// a: q [B, H, d] (scores) or p [B, H, S] (mix), float32; cache [L, B, S, K, d] float32 or uint16 (bfloat16 bits).
-ffi::Error Run(bool scores, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer cache,
-               ffi::Buffer<ffi::S32> layer, float* out) {
+// Both handlers: check the operands, pick the item function, run one item per (b, kv head) on the pool.
+// a: q [B, H, d] (kScores) or p [B, H, S] (mix), float32; cache [L, B, S, K, d] float32 or uint16 (bfloat16 bits).
+template <bool kScores>
+ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer cache,
+                              ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::Buffer<ffi::F32>> out) {
   const auto cd = cache.dimensions(), ad = a.dimensions();
   if (cd.size() != 5 || ad.size() != 3) {
     return ffi::Error::InvalidArgument("cache attention: expected a [B, H, *] operand and a [L, B, S, K, d] cache");
   }
   Shape sh{cd[1], cd[2], cd[3], cd[4], 0, 0};
   const int64_t H = ad[1];
-  if (ad[0] != sh.B || H % sh.K != 0 || H / sh.K > kMaxGroups || ad[2] != (scores ? sh.d : sh.S) ||
+  if (ad[0] != sh.B || H % sh.K != 0 || H / sh.K > kMaxGroups || ad[2] != (kScores ? sh.d : sh.S) ||
       sh.d % kBlock != 0) {
     return ffi::Error::InvalidArgument("cache attention: operand shapes do not match the cache (or unsupported)");
   }
@@ -159,48 +119,26 @@ ffi::Error Run(bool scores, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::
   if (!f32 && cache.element_type() != ffi::DataType::U16) {
     return ffi::Error::InvalidArgument("cache attention: the cache must be float32 or uint16 (bfloat16 bits)");
   }
-  auto work = std::make_shared<Work>();
-  if (scores) {
-    work->fn = f32 ? Bind<Scores, float>::For(sh.G) : Bind<Scores, uint16_t>::For(sh.G);
-  } else {
-    work->fn = f32 ? Bind<Mix, float>::For(sh.G) : Bind<Mix, uint16_t>::For(sh.G);
-  }
-  work->a = a.typed_data();
-  work->cache = cache.untyped_data();
-  work->out = out;
-  work->sh = sh;
-  const int64_t items = sh.B * sh.K;
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()) - 1, items - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Drain(); });
-  work->Drain();
-  while (work->done.load(std::memory_order_acquire) < items) _mm_pause();
+  const ItemFn item = f32 ? ItemFor<float>(kScores, sh.G) : ItemFor<uint16_t>(kScores, sh.G);
+  const float* in = a.typed_data();
+  const void* data = cache.untyped_data();
+  float* result = out->typed_data();
+  omni_jax::RunOnPool(pool, sh.B * sh.K,
+                      [=](int64_t i) { item(in, data, result, sh, i / sh.K, i % sh.K); });
   return ffi::Error::Success();
 }
 
-ffi::Error CacheScoresImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer cache,
-                           ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  return Run(true, pool, q, cache, layer, out->typed_data());
-}
-
-ffi::Error CacheMixImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::AnyBuffer cache,
-                        ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  return Run(false, pool, p, cache, layer, out->typed_data());
+// (q or p, cache, layer) -> float32, on XLA's intra-op pool.
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OmniJaxCacheScores, CacheScoresImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OmniJaxCacheMix, CacheMixImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OmniJaxCacheScores, CacheAttentionImpl<true>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OmniJaxCacheMix, CacheAttentionImpl<false>, Binding());

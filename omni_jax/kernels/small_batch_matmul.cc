@@ -17,6 +17,7 @@
 #include <memory>
 #include <vector>
 
+#include "pool_items.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -201,10 +202,10 @@ TileFn<W> TileFor(int64_t rows) {
   }
 }
 
-// Work shared by the calling thread and the pool's tasks. The weight's rows are cut into `slices` contiguous
-// slices (one per thread: each streams its own region of memory) and its columns into `chunks` of `width`; item
-// i = (chunk i / slices, slice i % slices) sums its slice's rows into that slice's output (y itself for slice 0,
-// a partial buffer otherwise). Whoever finishes a chunk's last slice adds the partials into y.
+// One call's work, run as items on the pool (omni_jax::RunOnPool). The weight's rows are cut into `slices`
+// contiguous slices (one per thread: each streams its own region of memory) and its columns into `chunks` of
+// `width`; item i = (chunk i / slices, slice i % slices) sums its slice's rows into that slice's output (y itself
+// for slice 0, a partial buffer otherwise). Whoever finishes a chunk's last slice adds the partials into y.
 struct Work {
   const float* x;  // [M, K] float32: the input itself, or `x_widened` for bfloat16
   std::vector<float> x_widened;
@@ -216,8 +217,6 @@ struct Work {
   int64_t rows, K, N, width, chunks, slices, slice_rows;
   bool bf16;
   std::unique_ptr<std::atomic<int64_t>[]> slices_done;  // per chunk
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 
   float* Out(int64_t slice) { return slice == 0 ? y : partial + (slice - 1) * rows * N; }
 
@@ -230,22 +229,18 @@ struct Work {
     }
   }
 
-  void Drain() {
-    const int64_t items = chunks * slices;
-    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
-      const int64_t chunk = i / slices, slice = i % slices;
-      const int64_t c0 = chunk * width, c1 = std::min(N, c0 + width);
-      const int64_t k0 = slice * slice_rows, k1 = std::min(K, k0 + slice_rows);
-      if (dot) {
-        TileDotFor(rows)(x_bf16, K, static_cast<const uint16_t*>(w), N, Out(slice), k0, k1, c0, c1);
-      } else if (bf16) {
-        TileFor<uint16_t>(rows)(x, K, static_cast<const uint16_t*>(w), N, Out(slice), k0, k1, c0, c1);
-      } else {
-        TileFor<float>(rows)(x, K, static_cast<const float*>(w), N, Out(slice), k0, k1, c0, c1);
-      }
-      if (slices_done[chunk].fetch_add(1, std::memory_order_acq_rel) == slices - 1) Reduce(c0, c1);
-      done.fetch_add(1, std::memory_order_release);
+  void Item(int64_t i) {
+    const int64_t chunk = i / slices, slice = i % slices;
+    const int64_t c0 = chunk * width, c1 = std::min(N, c0 + width);
+    const int64_t k0 = slice * slice_rows, k1 = std::min(K, k0 + slice_rows);
+    if (dot) {
+      TileDotFor(rows)(x_bf16, K, static_cast<const uint16_t*>(w), N, Out(slice), k0, k1, c0, c1);
+    } else if (bf16) {
+      TileFor<uint16_t>(rows)(x, K, static_cast<const uint16_t*>(w), N, Out(slice), k0, k1, c0, c1);
+    } else {
+      TileFor<float>(rows)(x, K, static_cast<const float*>(w), N, Out(slice), k0, k1, c0, c1);
     }
+    if (slices_done[chunk].fetch_add(1, std::memory_order_acq_rel) == slices - 1) Reduce(c0, c1);
   }
 };
 
@@ -296,15 +291,7 @@ ffi::Error SmallBatchMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
   thread_local std::vector<float> partial;
   partial.resize(std::max<size_t>(partial.size(), (work->slices - 1) * rows * N));
   work->partial = partial.data();
-  const int64_t items = work->chunks * work->slices;
-  const int64_t helpers = std::min(threads - 1, items - 1);  // the calling thread is one of the workers
-  for (int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([work] { work->Drain(); });
-  }
-  work->Drain();
-  while (work->done.load(std::memory_order_acquire) < items) {
-    _mm_pause();
-  }
+  omni_jax::RunOnPool(pool, work->chunks * work->slices, [work](int64_t i) { work->Item(i); });
   return ffi::Error::Success();
 }
 

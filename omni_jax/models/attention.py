@@ -69,17 +69,21 @@ def bidirectional_mask(segment_ids: jax.Array) -> AttentionMask:
     return AttentionMask(seg, seg, slots, slots, causal=False)
 
 
+def _masked_probs(logits: jax.Array, allowed: jax.Array, axis: int, dtype) -> jax.Array:
+    """Softmax of float32 `logits` over `axis` among the `allowed` keys, rounded to `dtype`; a query with no
+    allowed key gets all-zero probabilities (its output is 0, not a mean of values)."""
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+    return jnp.where(allowed, jax.nn.softmax(logits, axis=axis), 0.0).astype(dtype)
+
+
 def _xla_attention(q, k, v, mask: AttentionMask, scale: float) -> jax.Array:
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     groups = num_heads // num_kv_heads
     q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    allowed = mask.dense()[:, None, None, :, :]  # [B, 1, 1, T, S]
-    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = jnp.where(allowed, probs, 0.0)  # rows with no allowed key give 0, not a mean of values
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    probs = _masked_probs(logits, mask.dense()[:, None, None, :, :], -1, v.dtype)  # mask [B, 1, 1, T, S]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
 
 
@@ -94,11 +98,9 @@ def _decode_attention(q, k, v, mask: AttentionMask, scale: float) -> jax.Array:
     groups = num_heads // num_kv_heads
     qf = q.reshape(batch, 1, num_kv_heads, groups, head_dim).astype(jnp.float32)  # [B, 1, K, G, d]
     logits = jnp.sum(qf * k.astype(jnp.float32)[:, :, :, None, :], axis=-1) * scale  # [B, S, K, G]
-    allowed = mask.dense()[:, 0, :, None, None]  # [B, S, 1, 1]
-    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=1)
-    probs = jnp.where(allowed, probs, 0.0).astype(v.dtype).astype(jnp.float32)
-    out = jnp.sum(probs[..., None] * v.astype(jnp.float32)[:, :, :, None, :], axis=1)  # [B, K, G, d]
+    probs = _masked_probs(logits, mask.dense()[:, 0, :, None, None], 1, v.dtype)  # mask [B, S, 1, 1]
+    values = v.astype(jnp.float32)[:, :, :, None, :]  # [B, S, K, 1, d]
+    out = jnp.sum(probs.astype(jnp.float32)[..., None] * values, axis=1)  # [B, K, G, d]
     return out.reshape(batch, 1, num_heads, head_dim).astype(q.dtype)
 
 
@@ -298,10 +300,7 @@ def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer
     if (backend == "xla" and q.shape[1] == 1 and jnp.dtype(cache_dtype) == q.dtype
             and cache_attention.use_kernel(q.shape[2], cache_k, cache_dtype)):
         logits = cache_attention.scores(q[:, 0], cache_k, layer_index) * scale  # [B, H, S]
-        allowed = mask.dense()[:, 0, None, :]  # [B, 1, S]
-        logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1)
-        probs = jnp.where(allowed, probs, 0.0).astype(q.dtype)  # rows with no allowed key give 0
+        probs = _masked_probs(logits, mask.dense()[:, 0, None, :], -1, q.dtype)  # mask [B, 1, S]
         return cache_attention.mix(probs, cache_v, layer_index)[:, None].astype(q.dtype)  # [B, 1, H, d]
     k = from_storage(cache_k[layer_index], cache_dtype).astype(q.dtype)  # [B, S, K, d]
     v = from_storage(cache_v[layer_index], cache_dtype).astype(q.dtype)
