@@ -152,10 +152,26 @@ def select_tokens(logits: jax.Array, params: SamplingParams, key: jax.Array, see
     When every row is greedy only the penalty/suppression and an argmax run (no sort, no draw)."""
     def sample(logits):
         processed = process_logits(logits, params, seen, suppress_tokens)
-        drawn = jax.random.categorical(key, processed, axis=-1)
-        return jnp.where(params.temperature == 0, jnp.argmax(processed, axis=-1), drawn).astype(jnp.int32)
+        drawn = categorical(key, processed)
+        return jnp.where(params.temperature == 0, argmax(processed), drawn).astype(jnp.int32)
 
     def greedy(logits):
-        return jnp.argmax(penalise(logits, params, seen, suppress_tokens), axis=-1).astype(jnp.int32)
+        return argmax(penalise(logits, params, seen, suppress_tokens))
 
     return jax.lax.cond(jnp.any(params.temperature > 0), sample, greedy, logits)
+
+
+def argmax(x: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` as int32 ([B, V] -> [B]): the first maximal index, the first NaN if any.
+
+    Written as a max then a min over the matching indices: two plain reductions XLA:CPU vectorises, where
+    argmax's (value, index) pair reduction runs element by element ([8, 151936] float32: 2.7 -> 0.5 ms)."""
+    largest = jnp.max(x, axis=-1, keepdims=True)  # NaN when the row has one
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where((x == largest) | jnp.isnan(x), index, x.shape[-1]), axis=-1)
+
+
+def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """`jax.random.categorical(key, logits, axis=-1)` as int32, draw for draw (the Gumbel-max trick with the same
+    Gumbel noise), with `argmax`'s faster reduction."""
+    return argmax(jax.random.gumbel(key, logits.shape, logits.dtype) + logits)

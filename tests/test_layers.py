@@ -1,5 +1,6 @@
 """models.layers.einsum_f32_accumulate: bfloat16 backward products stay bf16 x bf16 (f32 accumulation) and give
-the float32 gradients to bf16 precision; float32 takes the plain path."""
+the float32 gradients to bf16 precision; float32 takes the plain path. models.layers.take_rows: the embedding
+gather equals jnp.take in value and gradient, and never converts a 16-bit table as a whole."""
 from __future__ import annotations
 
 import jax
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omni_jax.models.layers import _transposable, einsum_f32_accumulate
+from omni_jax.models.layers import _transposable, einsum_f32_accumulate, take_rows
 
 
 def _dot_operand_dtypes(fn, *args):
@@ -57,3 +58,38 @@ def test_bfloat16_gradients(equation, x_shape, w_shape):
 def test_transposable():
     assert _transposable("btd,df->btf") and _transposable("btnh,nhd->btd")
     assert not _transposable("ii,ij->j") and not _transposable("btd,df->bt")
+
+
+def _plain_take(table, ids):
+    return jnp.take(table, ids, axis=0, mode="clip")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_take_rows_equals_take(dtype):
+    table = jax.random.normal(jax.random.key(0), (50, 6)).astype(dtype)
+    ids = jnp.array([[0, 3, 49, 70, -2], [7, 7, 1, 0, 2]])  # 70 and -2 are out of range: clipped
+    np.testing.assert_array_equal(np.asarray(take_rows(table, ids), np.float32),
+                                  np.asarray(jnp.take(table, ids, axis=0, mode="clip"), np.float32))
+
+    def loss(take):
+        return lambda t: jnp.sum(jnp.sin(take(t, ids).astype(jnp.float32)) * jnp.arange(6.0))
+
+    grad, ref = jax.grad(loss(take_rows))(table), jax.grad(loss(_plain_take))(table)
+    assert grad.dtype == ref.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(ref, np.float32))  # same scatter-add
+
+
+def test_take_rows_does_not_convert_the_table():
+    """XLA:CPU runs a bf16 gather in f32 by converting the table, and hoists that conversion out of decode loops."""
+    table = jnp.zeros((1000, 64), jnp.bfloat16)
+
+    def temp_bytes(take):
+        def loop(t, ids):
+            body = lambda i, acc: acc + take(t, ids + i).astype(jnp.float32)  # noqa: E731
+            return jax.lax.fori_loop(0, 4, body, jnp.zeros((8, 64)))
+        compiled = jax.jit(loop).lower(table, jnp.zeros((8,), jnp.int32)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    if jax.default_backend() == "cpu":  # the behaviour this guards against is still there in the plain gather
+        assert temp_bytes(_plain_take) >= table.size * 4  # a float32 copy of the table
+    assert temp_bytes(take_rows) < table.size  # a few [8, 64] rows

@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from omni_jax.sampling import SamplingParams, process_logits, seen_mask, select_tokens
+from omni_jax.sampling import SamplingParams, argmax, categorical, process_logits, seen_mask, select_tokens
 
 V = 300
 
@@ -115,3 +115,32 @@ def test_window_is_a_top_k_not_a_full_sort():
     window_sorts = [line for line in hlo.splitlines() if " sort(" in line and "/top_k" in line]
     assert "TopK" in hlo
     assert not window_sorts, window_sorts[0][:200]
+
+
+def test_argmax_equals_torch_argmax_with_ties_infinities_and_nans():
+    """First maximal index, as torch.argmax (HF greedy) and jnp.argmax; a NaN row gives its first NaN."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((9, 1000)).astype(np.float32)
+    x[1, [10, 500, 999]] = 7.0  # ties: the first wins
+    x[2] = -np.inf
+    x[3, 400] = np.inf
+    x[4, [20, 30]] = np.nan
+    x[5] = 0.0
+    x[5, 600] = -0.0
+    x[6, -1] = 9.0  # at the last index
+    x[7] = np.round(x[7])  # many ties at the max
+    got = np.asarray(argmax(jax.numpy.asarray(x)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.asarray(jax.numpy.argmax(jax.numpy.asarray(x), axis=-1)))
+    finite_rows = [0, 1, 2, 3, 5, 6, 7, 8]
+    np.testing.assert_array_equal(got[finite_rows], torch.argmax(torch.tensor(x[finite_rows]), dim=-1).numpy())
+    assert got[4] == 20
+
+
+def test_categorical_draws_equal_jax_random_categorical():
+    logits = jax.numpy.asarray(np.random.default_rng(1).standard_normal((4, 500)) * 3, jax.numpy.float32)
+    logits = logits.at[2, 100:].set(-jax.numpy.inf)  # a row with a filtered tail
+    for seed in range(20):
+        key = jax.random.key(seed)
+        np.testing.assert_array_equal(np.asarray(categorical(key, logits)),
+                                      np.asarray(jax.random.categorical(key, logits, axis=-1)))

@@ -75,8 +75,20 @@ class MLP(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         gate = Einsum("btd,df->btf", (D, F), ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = Einsum("btd,df->btf", (D, F), ("embed", "mlp"), name="up_proj", **kw)(x)
-        act = constrain(nn.silu(gate) * up, (ACT_BATCH, ACT_LENGTH, "activation_mlp"))  # [B, T, F]
+        act = constrain(swiglu(gate, up), (ACT_BATCH, ACT_LENGTH, "activation_mlp"))  # [B, T, F]
         return Einsum("btf,fd->btd", (F, D), ("mlp", "embed"), name="down_proj", **kw)(act)
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up in the inputs' dtype, each of the two results rounded once, as PyTorch computes it.
+
+    In bfloat16, `nn.silu(gate) * up` would round after every elementwise op XLA splits it into (negate, exp,
+    add, divide, multiply, multiply); here the arithmetic is float32 and only the silu and the product are rounded
+    to bfloat16 (torch's CPU kernels do the same). Fewer conversions, too: the fusion at talker decode, [8, 18944],
+    took ~170 us."""
+    dtype = gate.dtype
+    act = nn.silu(gate.astype(jnp.float32)).astype(dtype)
+    return (act.astype(jnp.float32) * up.astype(jnp.float32)).astype(dtype)
 
 
 class DecoderLayer(nn.Module):
