@@ -35,10 +35,11 @@ def test_builds_and_registers():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("rows,k,n", [(1, 1, 1), (1, 896, 4864), (2, 7, 33), (3, 100, 1000), (5, 17, 15),
-                                      (8, 4864, 896), (8, 64, 2049), (7, 130, 96), (4, 33, 4097)])
+                                      (8, 4864, 896), (8, 64, 2049), (7, 130, 96), (4, 33, 4097), (8, 1001, 300),
+                                      (4, 24, 40), (6, 9, 70)])
 def test_matmul_equals_einsum(dtype, rows, k, n):
     """Tails of every size: columns not a multiple of the 32-column panel or 2048-column chunk, K not a
-    multiple of the 16-row block."""
+    multiple of the 8-row block or even."""
     rng = np.random.default_rng(rows * 1000 + k + n)
     x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
     w = jnp.asarray(rng.standard_normal((k, n)), dtype)

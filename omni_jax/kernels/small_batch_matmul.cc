@@ -107,36 +107,35 @@ void Tile(const float* x, int64_t K, const W* w, int64_t N, float* y, int64_t k_
 // a pair of weight rows by a pair of x values and adds both products to a float32 lane (half the multiply-add
 // instructions of widening to float32; at M = 8 the widening path is bound by them, not by memory). The two
 // rows' panels are interleaved in registers (vpunpck{l,h}wd), so the accumulators hold the panel's 32 columns in
-// the order {0-3, 8-11, 16-19, 24-27} | {4-7, 12-15, ...} and are permuted from y and back at the panel's ends.
-// x: the bfloat16 input itself, [M, K] (pairs x[m, k], x[m, k+1] are broadcast per row). bfloat16 denormals
-// count as zero (the instruction's DAZ).
+// the order {0-3, 8-11, 16-19, 24-27} | {4-7, 12-15, ...}. Between row blocks they stay in that order in a
+// per-thread scratch tile; y gets them in column order once, at the end. (Permuting them to and from y at every
+// row block took as many shuffle slots as the dot products at M = 8: from L2, 8-row products ran at 36 GB/s of
+// weight, 47 without the permutes.)
+// x: the bfloat16 input, row m at x + m * x_stride, x_stride even and a zero after a row of odd length, so that
+// the pair x[m, k], x[m, k + 1] (k even) is one 32-bit broadcast; k_begin is even. bfloat16 denormals count as
+// zero (the instruction's DAZ).
 template <int M>
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void TileDot(const uint16_t* x, int64_t K,
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void TileDot(const uint16_t* x, int64_t x_stride,
                                                                      const uint16_t* w, int64_t N, float* y,
                                                                      int64_t k_begin, int64_t k_end, int64_t c0,
                                                                      int64_t c1) {
-  const __m512i to_lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
-  const __m512i to_hi = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
   const __m512i from_a = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i from_b = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   const int64_t panels = (c1 - c0 + kPanel - 1) / kPanel;
+  thread_local std::vector<float> scratch_tile;  // [panels, M, kPanel] in the interleave's order
+  if (scratch_tile.size() < size_t(panels * M * kPanel)) scratch_tile.resize(panels * M * kPanel);
+  float* const scratch = scratch_tile.data();
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kRowBlock) {
     const int64_t k1 = std::min(k_end, k0 + kRowBlock);
     for (int64_t i = 0; i < panels; ++i) {
       const Panel panel(c0, c1, i, panels, N);
       const int64_t p = panel.p, blocks_ahead = panel.blocks_ahead, prefetch_offset = panel.prefetch_offset;
-      const __mmask16 ma = panel.ma, mb = panel.mb;
-      const __mmask32 mw = __mmask32(ma) | (__mmask32(mb) << 16);  // the panel's 32 bf16 weight columns
+      const __mmask32 mw = __mmask32(panel.ma) | (__mmask32(panel.mb) << 16);  // the panel's 32 weight columns
+      float* const tile = scratch + i * M * kPanel;
       __m512 acc[M][2];
       for (int m = 0; m < M; ++m) {
-        if (k0 == k_begin) {
-          acc[m][0] = _mm512_setzero_ps();
-          acc[m][1] = _mm512_setzero_ps();
-        } else {
-          const __m512 ya = _mm512_maskz_loadu_ps(ma, y + m * N + p), yb = _mm512_maskz_loadu_ps(mb, y + m * N + p + 16);
-          acc[m][0] = _mm512_permutex2var_ps(ya, to_lo, yb);
-          acc[m][1] = _mm512_permutex2var_ps(ya, to_hi, yb);
-        }
+        acc[m][0] = k0 == k_begin ? _mm512_setzero_ps() : _mm512_loadu_ps(tile + m * kPanel);
+        acc[m][1] = k0 == k_begin ? _mm512_setzero_ps() : _mm512_loadu_ps(tile + m * kPanel + 16);
       }
       const uint16_t* wk = w + k0 * N + p;
       for (int64_t k = k0; k < k1; k += 2, wk += 2 * N) {
@@ -149,16 +148,27 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void TileDot(const uint16
         const __m512i rb = pair ? _mm512_maskz_loadu_epi16(mw, wk + N) : _mm512_setzero_si512();
         const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(ra, rb), hi = (__m512bh)_mm512_unpackhi_epi16(ra, rb);
         for (int m = 0; m < M; ++m) {
-          const uint32_t bits = uint32_t(x[m * K + k]) | (pair ? uint32_t(x[m * K + k + 1]) << 16 : 0u);
-          const __m512bh xv = (__m512bh)_mm512_set1_epi32(int(bits));
+          int32_t pair_bits;
+          std::memcpy(&pair_bits, x + m * x_stride + k, sizeof(pair_bits));
+          const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair_bits);
           acc[m][0] = _mm512_dpbf16_ps(acc[m][0], lo, xv);
           acc[m][1] = _mm512_dpbf16_ps(acc[m][1], hi, xv);
         }
       }
       for (int m = 0; m < M; ++m) {
-        _mm512_mask_storeu_ps(y + m * N + p, ma, _mm512_permutex2var_ps(acc[m][0], from_a, acc[m][1]));
-        _mm512_mask_storeu_ps(y + m * N + p + 16, mb, _mm512_permutex2var_ps(acc[m][0], from_b, acc[m][1]));
+        _mm512_storeu_ps(tile + m * kPanel, acc[m][0]);
+        _mm512_storeu_ps(tile + m * kPanel + 16, acc[m][1]);
       }
+    }
+  }
+  for (int64_t i = 0; i < panels; ++i) {  // to column order, into y
+    const int64_t p = c0 + i * kPanel;
+    const __mmask16 ma = Mask16(c1 - p), mb = Mask16(c1 - p - 16);
+    const float* tile = scratch + i * M * kPanel;
+    for (int m = 0; m < M; ++m) {
+      const __m512 a = _mm512_loadu_ps(tile + m * kPanel), b = _mm512_loadu_ps(tile + m * kPanel + 16);
+      _mm512_mask_storeu_ps(y + m * N + p, ma, _mm512_permutex2var_ps(a, from_a, b));
+      _mm512_mask_storeu_ps(y + m * N + p + 16, mb, _mm512_permutex2var_ps(a, from_b, b));
     }
   }
 }
@@ -209,7 +219,8 @@ TileFn<W> TileFor(int64_t rows) {
 struct Work {
   const float* x;  // [M, K] float32: the input itself, or `x_widened` for bfloat16
   std::vector<float> x_widened;
-  const uint16_t* x_bf16;  // [M, K] the bfloat16 input (dot-product path)
+  const uint16_t* x_bf16;  // the bfloat16 input for TileDot, rows x_stride apart (dot-product path)
+  int64_t x_stride;
   bool dot;  // bfloat16 on a CPU with AVX512_BF16: TileDot
   const void* w;
   float* y;
@@ -234,7 +245,7 @@ struct Work {
     const int64_t c0 = chunk * width, c1 = std::min(N, c0 + width);
     const int64_t k0 = slice * slice_rows, k1 = std::min(K, k0 + slice_rows);
     if (dot) {
-      TileDotFor(rows)(x_bf16, K, static_cast<const uint16_t*>(w), N, Out(slice), k0, k1, c0, c1);
+      TileDotFor(rows)(x_bf16, x_stride, static_cast<const uint16_t*>(w), N, Out(slice), k0, k1, c0, c1);
     } else if (bf16) {
       TileFor<uint16_t>(rows)(x, K, static_cast<const uint16_t*>(w), N, Out(slice), k0, k1, c0, c1);
     } else {
@@ -260,7 +271,19 @@ ffi::Error SmallBatchMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
   }
   auto work = std::make_shared<Work>();
   work->dot = bf16 && HasBf16Dot();
-  work->x_bf16 = bf16 ? static_cast<const uint16_t*>(x.untyped_data()) : nullptr;
+  if (work->dot) {
+    work->x_bf16 = static_cast<const uint16_t*>(x.untyped_data());
+    work->x_stride = K;
+    if (K % 2 == 1) {  // rows padded with a zero to even length, in a buffer this thread keeps across calls
+      thread_local std::vector<uint16_t> padded;
+      padded.assign(rows * (K + 1), 0);
+      for (int64_t m = 0; m < rows; ++m) {
+        std::memcpy(&padded[m * (K + 1)], work->x_bf16 + m * K, K * sizeof(uint16_t));
+      }
+      work->x_bf16 = padded.data();
+      work->x_stride = K + 1;
+    }
+  }
   if (bf16 && !work->dot) {  // widened once here; the weight is widened in registers as it streams
     work->x_widened.resize(rows * K);
     const uint16_t* xs = static_cast<const uint16_t*>(x.untyped_data());
@@ -279,8 +302,10 @@ ffi::Error SmallBatchMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
   work->N = N;
   work->bf16 = bf16;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  work->slices = std::max<int64_t>(1, std::min(threads, K / kRowBlock));
-  work->slice_rows = (K + work->slices - 1) / work->slices;
+  // Slices of whole row blocks (TileDot reads x in pairs from an even first row), none of them empty.
+  const int64_t slices = std::max<int64_t>(1, std::min(threads, K / kRowBlock));
+  work->slice_rows = ((K + slices - 1) / slices + kRowBlock - 1) / kRowBlock * kRowBlock;
+  work->slices = (K + work->slice_rows - 1) / work->slice_rows;
   const int64_t max_width = std::max<int64_t>(kPanel, kTileBytes / (4 * rows) / kPanel * kPanel);
   work->width = std::min(N, max_width);
   work->chunks = (N + work->width - 1) / work->width;
