@@ -74,7 +74,10 @@ def talker_decode(apply_fn, codec_embed_fn, params, state: DecodeState, reply: j
         return (s.step < limit) & ~jnp.all(s.done)
 
     def body(s):
-        element = jax.lax.dynamic_slice_in_dim(reply, jnp.minimum(s.step - 1, reply_len - 1), 1, axis=1)
+        # The barrier ties the loop-invariant reply to the step, as in layers.take_rows: XLA:CPU slices bfloat16 in
+        # float32 and would otherwise hoist a float32 copy of the whole [B, N, E] reply out of the loop.
+        reply_now, index = jax.lax.optimization_barrier((reply, jnp.minimum(s.step - 1, reply_len - 1)))
+        element = jax.lax.dynamic_slice_in_dim(reply_now, index, 1, axis=1)
         embeds = codec_embed_fn(params, s.last_token[:, None]) + element  # [B, 1, E]
         positions = jnp.broadcast_to(s.position[None, :, None], (3, embeds.shape[0], 1))
         out = apply_fn(params, embeds, positions, jnp.ones(embeds.shape[:2], jnp.int32), s.cache)
