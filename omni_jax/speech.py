@@ -19,6 +19,7 @@ import numpy as np
 
 from omni_jax.generation import DecodeState, record_token
 from omni_jax.models.kv_cache import KVCache
+from omni_jax.models.layers import take_rows
 from omni_jax.sampling import SamplingParams, seen_mask
 from omni_jax.voices import Voice, resolve_voice  # noqa: F401 (re-exported)
 
@@ -68,16 +69,14 @@ def talker_decode(apply_fn, codec_embed_fn, params, state: DecodeState, reply: j
                   eos_ids, pad_id: int, suppress_tokens: Sequence[int]) -> DecodeState:
     """Up to `num_steps` talker steps on device: input = codec_embed(last code) + reply[step - 1]."""
     limit = jnp.minimum(state.step + num_steps, state.tokens.shape[1])
-    reply_len = reply.shape[1]
 
     def cond(s):
         return (s.step < limit) & ~jnp.all(s.done)
 
     def body(s):
-        # The barrier ties the loop-invariant reply to the step, as in layers.take_rows: XLA:CPU slices bfloat16 in
-        # float32 and would otherwise hoist a float32 copy of the whole [B, N, E] reply out of the loop.
-        reply_now, index = jax.lax.optimization_barrier((reply, jnp.minimum(s.step - 1, reply_len - 1)))
-        element = jax.lax.dynamic_slice_in_dim(reply_now, index, 1, axis=1)
+        # take_rows, not a slice of the loop-invariant bf16 reply: XLA:CPU would hoist a float32 copy of it out of
+        # the loop. Its index clip keeps the last element once the reply is used up.
+        element = take_rows(reply, (s.step - 1)[None], axis=1)  # [B, 1, E]
         embeds = codec_embed_fn(params, s.last_token[:, None]) + element  # [B, 1, E]
         positions = jnp.broadcast_to(s.position[None, :, None], (3, embeds.shape[0], 1))
         out = apply_fn(params, embeds, positions, jnp.ones(embeds.shape[:2], jnp.int32), s.cache)

@@ -103,6 +103,13 @@ void Tile(const float* x, int64_t K, const W* w, int64_t N, float* y, int64_t k_
   }
 }
 
+// A float32 buffer of at least `floats` this thread keeps across calls (a work item's accumulators).
+float* ScratchTile(size_t floats) {
+  thread_local std::vector<float> tile;
+  if (tile.size() < floats) tile.resize(floats);
+  return tile.data();
+}
+
 // The same product for a bfloat16 weight and input with AVX512_BF16's dot product: each instruction multiplies
 // a pair of weight rows by a pair of x values and adds both products to a float32 lane (half the multiply-add
 // instructions of widening to float32; at M = 8 the widening path is bound by them, not by memory). The two
@@ -122,9 +129,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void TileDot(const uint16
   const __m512i from_a = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i from_b = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   const int64_t panels = (c1 - c0 + kPanel - 1) / kPanel;
-  thread_local std::vector<float> scratch_tile;  // [panels, M, kPanel] in the interleave's order
-  if (scratch_tile.size() < size_t(panels * M * kPanel)) scratch_tile.resize(panels * M * kPanel);
-  float* const scratch = scratch_tile.data();
+  float* const scratch = ScratchTile(panels * M * kPanel);  // [panels, M, kPanel] in the interleave's order
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kRowBlock) {
     const int64_t k1 = std::min(k_end, k0 + kRowBlock);
     for (int64_t i = 0; i < panels; ++i) {

@@ -172,18 +172,20 @@ class Embed(nn.Module):
         return take_rows(jnp.asarray(table, self.dtype), ids)
 
 
-def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """table[ids] ([V, D], int [...] -> [..., D]) with out-of-range ids clipped.
+def take_rows(table: jax.Array, ids: jax.Array, axis: int = 0) -> jax.Array:
+    """`jnp.take(table, ids, axis, mode="clip")`: the entries of `table` at `ids` along `axis` (embedding rows,
+    [V, D] x int [...] -> [..., D]; or one step of a stream), out-of-range ids clipped.
 
     XLA:CPU runs a bfloat16 gather in float32: it converts the table, which costs nothing where the conversion
-    fuses into the gather (only the gathered rows are read), but inside a decode loop the conversion of the
-    loop-invariant table is hoisted out of it: a [vocab, embed] float32 copy per decode call (519 MB, ~110 ms for
-    151936 x 896). The barrier ties the table to the ids, which vary per step, so nothing about it is hoisted.
+    fuses into the gather (only the gathered entries are read), but inside a decode loop the conversion of a
+    loop-invariant table is hoisted out of it: a float32 copy of the whole table per decode call (519 MB, ~110 ms
+    for a 151936 x 896 embedding). The barrier ties the table to the ids, which vary per step, so nothing about
+    it is hoisted.
     """
     table, ids = jax.lax.optimization_barrier((table, ids))
     # mode="clip": an out-of-range id (e.g. a pad id beyond a small test vocabulary) must not produce NaN rows,
     # which would leak through attention even where masked (0 * NaN).
-    return jnp.take(table, ids, axis=0, mode="clip")
+    return jnp.take(table, ids, axis=axis, mode="clip")
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
