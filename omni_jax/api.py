@@ -16,6 +16,7 @@ import numpy as np
 from omni_jax import generation
 from omni_jax.config import OmniConfig, RuntimeOptions
 from omni_jax.layer_layout import match_layer_layout
+from omni_jax.models import decode_layout
 from omni_jax.models.kv_cache import KVCache
 from omni_jax.model_inputs import ThinkerInputs, prepare_thinker_inputs
 from omni_jax.models.thinker import Thinker, init_thinker
@@ -68,6 +69,10 @@ class OmniModel:
             thinker_params = jax.device_put(thinker_params, shardings)
         else:
             thinker_params = jax.device_put(thinker_params)
+            if decode_layout.applies():  # the LM's projections as the CPU decode kernel reads them
+                thinker_params = decode_layout.to_decode_layout(
+                    thinker_params, decode_layout.projection_equations(self._init_thinker_abstract),
+                    prefixes=(("decoder",), ("lm_head",)))
         self.params = {"thinker": thinker_params}
         self.speech: SpeechModel | None = None
         if config.talker is not None and "talker" in params and "token2wav" in params:

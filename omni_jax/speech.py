@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from omni_jax.generation import DecodeState, record_token
+from omni_jax.models import decode_layout
 from omni_jax.models.kv_cache import KVCache
 from omni_jax.models.layers import take_rows
 from omni_jax.sampling import SamplingParams, seen_mask
@@ -210,6 +211,10 @@ class SpeechModel:
         self.talker_params = jax.tree_util.tree_map(
             lambda x: jnp.asarray(x, talker_dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x,
             talker_params)
+        if decode_layout.applies():  # the talker's projections as the CPU decode kernel reads them
+            self.talker_params = decode_layout.to_decode_layout(
+                self.talker_params, decode_layout.projection_equations(lambda: init_talker(self.talker,
+                                                                                           jax.random.key(0))))
         t2w = params["token2wav"]
         self.dit_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), t2w["code2wav_dit_model"])
         self.bigvgan_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32),

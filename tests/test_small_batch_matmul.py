@@ -1,6 +1,11 @@
-"""omni_jax.kernels.small_batch_matmul: the CPU decode-step projection kernel equals XLA's einsum (float32 and
-bfloat16 operands, f32 accumulation), is chosen only where it applies, and is what decode steps run."""
+"""omni_jax.kernels.small_batch_matmul: the CPU decode-step projection kernel (weights in the decode layout) equals
+XLA's einsum (float32 and bfloat16 operands, f32 accumulation, bfloat16 with and without AVX512_BF16), is chosen
+only where it applies, and is what decode steps run."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -9,6 +14,7 @@ import numpy as np
 import pytest
 
 from omni_jax.kernels import small_batch_matmul
+from omni_jax.models import decode_layout
 from omni_jax.models.layers import Einsum
 
 # The kernel needs AVX-512 (checked in /proc/cpuinfo); every CI machine of this project has it. Elsewhere the
@@ -33,23 +39,54 @@ def test_builds_and_registers():
     assert small_batch_matmul.available()
 
 
+SHAPES = [(1, 1, 1), (1, 896, 4864), (2, 7, 33), (3, 100, 1000), (5, 17, 15), (8, 4864, 896), (8, 64, 2049),
+          (7, 130, 96), (4, 33, 4097), (8, 1001, 300), (4, 24, 40), (6, 9, 70), (1, 31, 17), (8, 32, 7), (2, 15, 9)]
+
+
+def _check_against_float64(x, w_t, got):
+    # float32 summation of K products is within K * eps32 * sum_k |x_mk w_nk| of the exact sum (the classical
+    # bound for any summation order; bf16 x bf16 products are exact in f32); a wrong or missing product breaks it
+    # by orders of magnitude.
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w_t, np.float64)
+    bound = x64.shape[1] * EPS32 * (np.abs(x64) @ np.abs(w64).T)
+    assert np.all(np.abs(np.asarray(got, np.float64) - x64 @ w64.T) <= bound)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("rows,k,n", [(1, 1, 1), (1, 896, 4864), (2, 7, 33), (3, 100, 1000), (5, 17, 15),
-                                      (8, 4864, 896), (8, 64, 2049), (7, 130, 96), (4, 33, 4097), (8, 1001, 300),
-                                      (4, 24, 40), (6, 9, 70)])
+@pytest.mark.parametrize("rows,k,n", SHAPES)
 def test_matmul_equals_einsum(dtype, rows, k, n):
-    """Tails of every size: columns not a multiple of the 32-column panel or 2048-column chunk, K not a
-    multiple of the 8-row block or even."""
+    """Tails of every size: weight rows not a multiple of the register tile (3-16 rows) or of a work item, K not a
+    multiple of the 32- (bf16) or 16-element (f32) chunk, or shorter than one."""
     rng = np.random.default_rng(rows * 1000 + k + n)
     x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
-    w = jnp.asarray(rng.standard_normal((k, n)), dtype)
-    got = jax.jit(small_batch_matmul.matmul)(x, w)
+    w_t = jnp.asarray(rng.standard_normal((n, k)), dtype)
+    got = jax.jit(small_batch_matmul.matmul)(x, w_t)
     assert got.dtype == jnp.float32 and got.shape == (rows, n)
-    # Against float64: float32 summation of K products is within K * eps32 * sum_k |x_mk w_kn| (the classical
-    # bound for any summation order); a wrong or missing product breaks it by orders of magnitude.
-    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
-    bound = k * EPS32 * (np.abs(x64) @ np.abs(w64))
-    assert np.all(np.abs(np.asarray(got, np.float64) - x64 @ w64) <= bound)
+    _check_against_float64(x, w_t, got)
+
+
+_WIDENED_CHECK = """
+import jax, jax.numpy as jnp, numpy as np, sys
+sys.path.insert(0, {tests!r})
+from test_small_batch_matmul import SHAPES, _check_against_float64
+from omni_jax.kernels import small_batch_matmul
+for rows, k, n in SHAPES:
+    rng = np.random.default_rng(rows * 1000 + k + n)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    w_t = jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16)
+    _check_against_float64(x, w_t, jax.jit(small_batch_matmul.matmul)(x, w_t))
+print("checked", len(SHAPES))
+"""
+
+
+def test_bfloat16_without_the_dot_product_instruction():
+    """The path for CPUs without AVX512_BF16 (the weight widened to float32 in registers), forced on this one by
+    OMNI_JAX_CPU_MATMUL_WIDEN=1 in a fresh process (the kernel reads it once)."""
+    env = dict(os.environ, OMNI_JAX_CPU_MATMUL_WIDEN="1")
+    script = _WIDENED_CHECK.format(tests=os.path.dirname(__file__))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"checked {len(SHAPES)}" in result.stdout
 
 
 @pytest.mark.parametrize("equation,x_shape,w_shape", [("btd,dnh->btnh", (2, 1, 48), (48, 4, 8)),
@@ -58,35 +95,35 @@ def test_matmul_equals_einsum(dtype, rows, k, n):
                                                       ("bd,de->be", (3, 16), (16, 24))])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_einsum_module_uses_kernel_and_matches(equation, x_shape, w_shape, dtype):
-    """The Einsum layer takes the kernel for decode-step shapes (an ffi_call in its jaxpr, no dot) and gives
-    what XLA's einsum gives; gradients through it equal XLA's."""
+    """The Einsum layer on decode-layout params takes the kernel for decode-step shapes (an ffi_call in its jaxpr,
+    no dot) and gives what XLA's einsum gives on the standard params; gradients through it equal XLA's."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(x_shape), dtype)
-    lhs, rhs = equation.split("->")[0].split(",")
-    rows = int(np.prod([size for dim, size in zip(lhs, x_shape) if dim not in rhs]))
     layer = Einsum(equation, w_shape, (None,) * len(w_shape), dtype=dtype, param_dtype=dtype)
     params = nn.unbox(layer.init(jax.random.PRNGKey(0), x))
     w = params["params"]["kernel"]
-    if not small_batch_matmul.use_kernel(equation, x, w):
-        assert dtype == jnp.float32 and rows == 1  # float32 single rows stay on XLA's matrix-vector product
-        return
-    primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(layer.apply)(params, x).jaxpr.eqns}
+    t_params = {"params": decode_layout.to_decode_layout(params["params"], {(): equation})}
+    w_t = t_params["params"]["kernel_t"]
+    assert set(t_params["params"]) == {"kernel_t"}
+    assert small_batch_matmul.use_kernel(equation, x, w_t)
+    primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(layer.apply)(t_params, x).jaxpr.eqns}
     assert any("ffi" in name or "custom_vjp" in name for name in primitives), primitives
     assert "dot_general" not in primitives
-    got = layer.apply(params, x).astype(jnp.float32)
+    got = layer.apply(t_params, x).astype(jnp.float32)
     want = _reference(equation, x, w).astype(dtype).astype(jnp.float32)
     tol = RTOL if dtype == jnp.float32 else 8e-3  # bf16 output rounding: half an ulp of 2^-8
     assert _max_rel_err(got, want) < tol
 
-    def loss(kernel_on, x, w):
+    def loss(kernel_on, x, w_t):
         if kernel_on:
-            y = small_batch_matmul.einsum(equation, x, w)
+            y = small_batch_matmul.einsum(equation, x, w_t)
         else:
-            y = jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
+            y = jnp.einsum(small_batch_matmul.decode_layout_equation(equation), x, w_t,
+                           preferred_element_type=jnp.float32)
         return jnp.sum(jnp.sin(y))
 
-    got_grads = jax.grad(lambda *a: loss(True, *a), argnums=(0, 1))(x, w)
-    want_grads = jax.grad(lambda *a: loss(False, *a), argnums=(0, 1))(x, w)
+    got_grads = jax.grad(lambda *a: loss(True, *a), argnums=(0, 1))(x, w_t)
+    want_grads = jax.grad(lambda *a: loss(False, *a), argnums=(0, 1))(x, w_t)
     # Both backward passes are XLA's einsum; they differ only through cos(y), whose y the kernel summed in another
     # order (f32 rounding, ~1e-6 relative): 1e-4 in float32. bf16 gradients are rounded to bf16, where such a
     # difference can flip the last bit (2^-8 = 3.9e-3 relative): 2e-2 allows a few such flips.
@@ -96,14 +133,32 @@ def test_einsum_module_uses_kernel_and_matches(equation, x_shape, w_shape, dtype
                                    rtol=1e-4 if dtype == jnp.float32 else 2e-2, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_einsum_module_on_the_decode_layout_beyond_the_kernel(dtype):
+    """More than 8 rows (prefill) on decode-layout params: XLA's einsum on the transposed weight, equal to the
+    standard layout's result (float32: a few ulp; bfloat16: the same products, then one rounding of the output)."""
+    equation = "btnh,nhd->btd"
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 5, 4, 8)), dtype)
+    layer = Einsum(equation, (4, 8, 40), (None,) * 3, dtype=dtype, param_dtype=dtype)
+    params = nn.unbox(layer.init(jax.random.PRNGKey(0), x))
+    t_params = {"params": decode_layout.to_decode_layout(params["params"], {(): equation})}
+    assert t_params["params"]["kernel_t"].shape == (40, 4, 8)
+    assert not small_batch_matmul.use_kernel(equation, x, t_params["params"]["kernel_t"])
+    got = layer.apply(t_params, x).astype(jnp.float32)
+    want = layer.apply(params, x).astype(jnp.float32)
+    assert _max_rel_err(got, want) < (RTOL if dtype == jnp.float32 else 8e-3)
+
+
 def test_where_it_does_not_apply():
     f32 = jnp.zeros((2, 1, 16), jnp.float32)
     w = jnp.zeros((16, 8), jnp.float32)
+    w = jnp.zeros((8, 16), jnp.float32)  # decode layout [F, D]
     assert small_batch_matmul.use_kernel("btd,df->btf", f32, w)
+    assert small_batch_matmul.use_kernel("btd,df->btf", f32[:1], w)
     assert not small_batch_matmul.use_kernel("btd,df->btf", jnp.zeros((9, 1, 16)), w)  # > 8 rows: XLA's GEMM
-    assert not small_batch_matmul.use_kernel("btd,df->btf", f32[:1], w)  # f32 single row: XLA's GEMV
     assert not small_batch_matmul.use_kernel("btd,df->btf", f32, w.astype(jnp.bfloat16))  # mixed dtypes
     assert not small_batch_matmul.use_kernel("btd,fd->btf", f32, jnp.zeros((8, 16)))  # not rows.contracted
+    assert small_batch_matmul.decode_layout_equation("btd,fd->btf") is None  # such weights keep their layout
     assert not small_batch_matmul.use_kernel("bd,dce->bec", jnp.zeros((2, 16)), jnp.zeros((16, 3, 5)))
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(mesh):  # the SPMD partitioner cannot split a custom call: sharded runs stay on XLA

@@ -1,16 +1,17 @@
-"""A CPU kernel for projections of a few rows (decode steps): y[M, N] = x[M, K] . w[K, N], M <= 8, f32 accumulation.
+"""A CPU kernel for projections of a few rows (decode steps): y[M, N] = x[M, K] . w[N, K]^T, M <= 8, f32 accumulation.
 
-XLA:CPU runs decode-step projections well below this machine's memory bandwidth: bfloat16 weights are read at
-9-19 GB/s (PyTorch's oneDNN: ~40), and float32 products of 2-8 rows at ~30 GB/s. `small_batch_matmul.cc` streams
-each weight element once and accumulates in float32, split over XLA's intra-op thread pool. bfloat16 runs on
-AVX512_BF16's pairwise dot product where the CPU has it (checked at run time; bfloat16 denormals then count as
-zero), else it is widened in registers (docs/performance.md has the measurements).
+The weight comes in the decode layout ([out..., in...], `omni_jax.models.decode_layout`), so that each output is
+the dot product of two contiguous rows. XLA:CPU runs decode-step projections well below this machine's memory
+bandwidth: bfloat16 weights are read at 9-19 GB/s (PyTorch's oneDNN: ~40), and float32 products of 2-8 rows at
+~30 GB/s. `small_batch_matmul.cc` streams each weight element once and accumulates in float32, split over XLA's
+intra-op thread pool. bfloat16 runs on AVX512_BF16's pairwise dot product where the CPU has it (checked at run
+time; bfloat16 denormals then count as zero), else it is widened in registers (docs/performance.md has the
+measurements).
 
 The kernel is compiled with the machine's C++ compiler on first use (about 2 s) into a per-user cache and
-registered as an XLA FFI target. It is used only where it applies and is faster (`use_kernel`):
-the CPU backend, no multi-device mesh, x and w of one dtype, a canonical equation, 1-8 rows, and for float32
-2-8 rows (XLA's own matrix-vector product already runs at the bandwidth bound). `OMNI_JAX_CPU_MATMUL_KERNEL=0`
-turns it off; without a compiler or AVX-512 everything runs through `jnp.einsum` as before.
+registered as an XLA FFI target. It is used only where it applies (`use_kernel`): the CPU backend, no
+multi-device mesh, x and w of one dtype (float32 or bfloat16), a canonical equation, and 1-8 rows.
+`OMNI_JAX_CPU_MATMUL_KERNEL=0` turns it off; without a compiler or AVX-512 everything runs through `jnp.einsum`.
 """
 from __future__ import annotations
 
@@ -37,12 +38,12 @@ def available() -> bool:
     return build.load(_SOURCE, {_TARGET: "OmniJaxSmallBatchMatmul"}, ENV_SWITCH)
 
 
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [M, K] . w [K, N] -> [M, N] float32; x and w both float32 or both bfloat16, 1 <= M <= 8."""
+def matmul(x: jax.Array, w_t: jax.Array) -> jax.Array:
+    """x [M, K] . w_t [N, K]^T -> [M, N] float32; x and w_t both float32 or both bfloat16, 1 <= M <= 8."""
     if not available():
         raise RuntimeError(f"the CPU small-batch matmul kernel is not available here (or {ENV_SWITCH}=0)")
-    return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
-                            vmap_method="sequential")(x, w)
+    return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x.shape[0], w_t.shape[0]), jnp.float32),
+                            vmap_method="sequential")(x, w_t)
 
 
 def _canonical_split(equation: str) -> Optional[tuple[int, int]]:
@@ -58,37 +59,50 @@ def _canonical_split(equation: str) -> Optional[tuple[int, int]]:
     return n_rows, len(contracted)
 
 
-def use_kernel(equation: str, x: jax.Array, w: jax.Array) -> bool:
-    """Whether `einsum(equation, x, w)` should run on the kernel (see the module docstring)."""
-    if x.dtype != w.dtype or x.dtype not in (jnp.float32, jnp.bfloat16) or jax.default_backend() != "cpu":
+def decode_layout_equation(equation: str) -> Optional[str]:
+    """The equation with the weight in the decode layout (its contracted dims moved last), e.g. "btnh,nhd->btd"
+    -> "btnh,dnh->btd"; None where the equation is not canonical (such weights keep their layout)."""
+    split = _canonical_split(equation)
+    if split is None:
+        return None
+    inputs, out = equation.replace(" ", "").split("->")
+    lhs, rhs = inputs.split(",")
+    return f"{lhs},{rhs[split[1]:]}{rhs[:split[1]]}->{out}"
+
+
+def use_kernel(equation: str, x: jax.Array, w_t: jax.Array) -> bool:
+    """Whether `einsum(equation, x, w_t)` (w_t in the decode layout) should run on the kernel (module docstring)."""
+    if x.dtype != w_t.dtype or x.dtype not in (jnp.float32, jnp.bfloat16) or jax.default_backend() != "cpu":
         return False
     split = _canonical_split(equation)
     if split is None:
         return False
     rows = math.prod(x.shape[:split[0]])
-    min_rows = 1 if x.dtype == jnp.bfloat16 else 2
-    if not min_rows <= rows <= MAX_ROWS or build.multi_device_mesh():
+    if not 1 <= rows <= MAX_ROWS or build.multi_device_mesh():
         return False
     return available()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """`jnp.einsum(equation, x, w, preferred_element_type=float32)` on the kernel; `use_kernel` must hold."""
+def einsum(equation: str, x: jax.Array, w_t: jax.Array) -> jax.Array:
+    """`jnp.einsum(equation, x, w, preferred_element_type=float32)` on the kernel, for w_t = w in the decode layout
+    (`decode_layout_equation`); `use_kernel` must hold."""
     n_rows, n_contracted = _canonical_split(equation)
-    rows_shape, cols_shape = x.shape[:n_rows], w.shape[n_contracted:]
+    rows_shape = x.shape[:n_rows]
     k = math.prod(x.shape[n_rows:])
-    y = matmul(x.reshape(math.prod(rows_shape), k), w.reshape(k, math.prod(cols_shape)))
+    cols_shape = w_t.shape[:w_t.ndim - n_contracted]
+    y = matmul(x.reshape(math.prod(rows_shape), k), w_t.reshape(math.prod(cols_shape), k))
     return y.reshape(*rows_shape, *cols_shape)
 
 
-def _einsum_fwd(equation, x, w):
-    return einsum(equation, x, w), (x, w)
+def _einsum_fwd(equation, x, w_t):
+    return einsum(equation, x, w_t), (x, w_t)
 
 
 def _einsum_bwd(equation, residuals, g):  # gradients as XLA's einsum would give them (not a hot path)
-    x, w = residuals
-    _, pullback = jax.vjp(lambda a, b: jnp.einsum(equation, a, b, preferred_element_type=jnp.float32), x, w)
+    x, w_t = residuals
+    _, pullback = jax.vjp(lambda a, b: jnp.einsum(decode_layout_equation(equation), a, b,
+                                                  preferred_element_type=jnp.float32), x, w_t)
     return pullback(g)
 
 

@@ -26,8 +26,11 @@ class Einsum(nn.Module):
 
     `kernel_shape` and `kernel_axes` describe the weight (logical axis names for sharding); `bias_shape` /
     `bias_axes` the optional bias added to the output's trailing dims. The dot runs in `dtype` and accumulates
-    in float32 (`preferred_element_type`), which is both exact enough and fast on CPU/TPU. Products of a few rows
-    on the CPU (decode steps) run on `omni_jax.kernels.small_batch_matmul` where it applies.
+    in float32 (`preferred_element_type`), which is both exact enough and fast on CPU/TPU.
+
+    The weight is the param "kernel" ([in..., out...] as `kernel_shape`), or "kernel_t" where the params were
+    converted to the decode layout ([out..., in...], `omni_jax.models.decode_layout`): products of a few rows on
+    the CPU (decode steps) then run on `omni_jax.kernels.small_batch_matmul`.
     """
 
     equation: str
@@ -41,23 +44,21 @@ class Einsum(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes)),
-            tuple(self.kernel_shape),
-            self.param_dtype,
-        )
         x = x.astype(self.dtype)
-        kernel = jnp.asarray(kernel, self.dtype)
-        if small_batch_matmul.use_kernel(self.equation, x, kernel):  # decode steps on the CPU
-            y = small_batch_matmul.einsum(self.equation, x, kernel)
+        if self.has_variable("params", "kernel_t"):
+            kernel_t = jnp.asarray(nn.meta.unbox(self.get_variable("params", "kernel_t")), self.dtype)
+            if small_batch_matmul.use_kernel(self.equation, x, kernel_t):  # decode steps on the CPU
+                y = small_batch_matmul.einsum(self.equation, x, kernel_t)
+            else:
+                y = _xla_einsum(small_batch_matmul.decode_layout_equation(self.equation), x, kernel_t)
         else:
-            pad_row = _needs_second_row(self.equation, x)
-            if pad_row:  # [1, ...] -> [2, ...]: see _needs_second_row
-                x = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
-            y = einsum_f32_accumulate(self.equation, x, kernel)
-            if pad_row:
-                y = y[:1]
+            kernel = self.param(
+                "kernel",
+                nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes)),
+                tuple(self.kernel_shape),
+                self.param_dtype,
+            )
+            y = _xla_einsum(self.equation, x, jnp.asarray(kernel, self.dtype))
         if self.bias_shape is not None:
             bias = self.param(
                 "bias",
@@ -67,6 +68,15 @@ class Einsum(nn.Module):
             )
             y = y + jnp.asarray(bias, jnp.float32)
         return y.astype(self.dtype)
+
+
+def _xla_einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum_f32_accumulate, with a bfloat16 single row run as two (see _needs_second_row)."""
+    pad_row = _needs_second_row(equation, x)
+    if pad_row:  # [1, ...] -> [2, ...]
+        x = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
+    y = einsum_f32_accumulate(equation, x, w)
+    return y[:1] if pad_row else y
 
 
 def _split_equation(equation: str) -> tuple[str, str, str]:

@@ -1,0 +1,80 @@
+"""The decode layout of projection weights: "kernel_t" [out..., in...] in place of "kernel" [in..., out...].
+
+A decode step multiplies a few rows by every weight of the language model. On the CPU these products run on
+`omni_jax.kernels.small_batch_matmul`, which takes each output as the dot product of two contiguous rows, so it
+needs the weight with its contracted (input) dims last. Converting a param tree once, when a model is loaded for
+serving (`OmniModel`, `SpeechModel`), costs one transposed copy of those weights and nothing per step. The
+`Einsum` layer takes either layout; prefill and full-sequence passes run XLA's einsum on "kernel_t" as well.
+
+Training, checkpoints and the HF converter keep the standard layout; so does a sharded model (the kernel does not
+run on a multi-device mesh: `applies`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from omni_jax.kernels import small_batch_matmul
+from omni_jax.models.layers import Einsum
+
+Path = tuple[str, ...]
+
+
+def applies() -> bool:
+    """Whether a model loaded now should take the decode layout: the CPU backend, the kernel built, one device."""
+    return (jax.default_backend() == "cpu" and not small_batch_matmul.build.multi_device_mesh()
+            and small_batch_matmul.available())
+
+
+def projection_equations(init_fn: Callable[[], Any]) -> dict[Path, str]:
+    """{param path of an `Einsum`: its equation} for every Einsum `init_fn` (a module's init; run abstractly here,
+    no arrays are made) creates. The path of a scanned layer's Einsum is that of its stacked param."""
+    found: dict[Path, str] = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, Einsum) and context.method_name == "__call__":
+            found[tuple(context.module.path)] = context.module.equation
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(init_fn)
+    return found
+
+
+def to_decode_layout(params: Mapping[str, Any], equations: Mapping[Path, str],
+                     prefixes: Sequence[Path] = ((),)) -> dict:
+    """`params` (a module's "params" tree) with every Einsum kernel under one of `prefixes` that has a canonical
+    equation (rows then contracted dims in x, contracted dims first in the weight) stored as "kernel_t": the
+    contracted dims moved last, as a new contiguous array. Leading dims beyond the Einsum's own (stacked layers)
+    stay first. Other leaves are passed through unchanged; a tree already in the decode layout is returned as is."""
+
+    def convert(tree: Mapping[str, Any], path: Path) -> dict:
+        out = {}
+        for name, value in tree.items():
+            here = path + (name,)
+            if isinstance(value, Mapping):
+                out[name] = convert(value, here)
+            elif name == "kernel" and path in equations and any(path[:len(p)] == p for p in prefixes):
+                out.update(_transposed(value, equations[path]))
+            else:
+                out[name] = value
+        return out
+
+    return convert(params, ())
+
+
+def _transposed(kernel, equation: str) -> dict:
+    """{"kernel_t": kernel in the decode layout}, or {"kernel": kernel} where the equation is not canonical."""
+    if small_batch_matmul.decode_layout_equation(equation) is None:
+        return {"kernel": kernel}
+    lhs, rhs = equation.replace(" ", "").split("->")[0].split(",")
+    contracted = sum(letter in lhs for letter in rhs)  # canonical: the weight's leading dims
+    lead = kernel.ndim - len(rhs)  # stacked layers
+    order = (tuple(range(lead)) + tuple(range(lead + contracted, kernel.ndim))
+             + tuple(range(lead, lead + contracted)))
+    if isinstance(kernel, np.ndarray):
+        return {"kernel_t": np.ascontiguousarray(np.transpose(kernel, order))}
+    return {"kernel_t": jax.jit(lambda k: k.transpose(order))(kernel)}
