@@ -191,6 +191,7 @@ def ours_talker(args) -> dict:
     import numpy as np
 
     from omni_jax.config import RuntimeOptions
+    from omni_jax.models import decode_layout
     from omni_jax.models.kv_cache import KVCache
     from omni_jax.models.talker import Talker, init_talker
     from omni_jax.sampling import SamplingParams
@@ -200,6 +201,9 @@ def ours_talker(args) -> dict:
     # serving layout: per-layer weights, decode unrolled over layers (as OmniModel.from_pretrained runs it)
     talker = Talker(cfg, RuntimeOptions(dtype=args.dtype, param_dtype=args.dtype, scan_layers=False))
     params = nn_unbox(jax.jit(lambda k: init_talker(talker, k))(jax.random.key(0)))["params"]
+    if decode_layout.applies():  # as SpeechModel holds them for serving
+        params = decode_layout.to_decode_layout(
+            params, decode_layout.projection_equations(lambda: init_talker(talker, jax.random.key(0))))
     apply_fn = lambda p, e, pos, seg, cache: talker.apply({"params": p}, e, pos, seg, cache,  # noqa: E731
                                                          last_logits_only=True)
     codec_embed = lambda p, c: talker.apply({"params": p}, c, method=Talker.embed_codec)  # noqa: E731
