@@ -35,10 +35,11 @@ constexpr int64_t kMaxRows = 8;
 constexpr int64_t kItemsPerThread = 4;  // items per pool thread (load balance; each item is a contiguous region)
 
 // Weight rows per register tile for M input rows: B * M accumulators (at most 24 of the 32 zmm registers, the
-// rest hold weight chunks and one x chunk). Row 1 keeps 16 rows in flight for memory-level parallelism.
+// rest hold weight chunks and one x chunk). A single row reads 8 weight rows at a time: from DRAM 8-15% faster
+// than 16 (more streams than the prefetchers follow well) and as fast as 6 or 12.
 template <int M>
 constexpr int TileRows() {
-  return M == 1 ? 16 : M <= 3 ? 8 : M == 4 ? 6 : M <= 6 ? 4 : 3;
+  return M <= 3 ? 8 : M == 4 ? 6 : M <= 6 ? 4 : 3;
 }
 
 // Lane-sum helpers: the 8 lane sums of 8 vectors in one pass (24 shuffles/adds for 8 outputs).
