@@ -31,7 +31,7 @@ frame) are left out: < 1% of the total. Achieved FLOP/s = that count / DiT secon
     python bench/speech.py --parts talker --rounds 3           # talker workers alternate 3 times, best of each
 
 Results are merged into `--json` (default bench/results/speech.json: each (impl, part, dtype) entry is replaced
-when re-measured) and the markdown table is written to `--markdown` (default bench/results/speech.md).
+when re-measured) and the markdown table is written to `--markdown` (default: the JSON's path with .md).
 """
 from __future__ import annotations
 
@@ -524,11 +524,12 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--warmup", action="store_true", help="an untimed HF DiT run first")
     p.add_argument("--json", default=os.path.join(ROOT, "bench/results/speech.json"))
-    p.add_argument("--markdown", default=os.path.join(ROOT, "bench/results/speech.md"))
+    p.add_argument("--markdown", default=None, help="the table (default: --json with .md in place of .json)")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--worker", nargs=4, metavar=("IMPL", "PART", "DTYPE", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.talker_batches = [int(b) for b in str(args.talker_batches).split(",")]
+    args.markdown = args.markdown or os.path.splitext(args.json)[0] + ".md"
     os.environ["SPEECH_BENCH_PRESET"] = args.preset  # read by the workers (inherited environment)
 
     if args.worker:

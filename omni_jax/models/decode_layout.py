@@ -3,8 +3,9 @@
 A decode step multiplies a few rows by every weight of the language model. On the CPU these products run on
 `omni_jax.kernels.small_batch_matmul`, which takes each output as the dot product of two contiguous rows, so it
 needs the weight with its contracted (input) dims last. Converting a param tree once, when a model is loaded for
-serving (`OmniModel`, `SpeechModel`), costs one transposed copy of those weights and nothing per step. The
-`Einsum` layer takes either layout; prefill and full-sequence passes run XLA's einsum on "kernel_t" as well.
+serving (`OmniModel`, `SpeechModel`), costs one transposed copy of those weights (held instead of the original
+once loading is done; both exist while it runs) and nothing per step. The `Einsum` layer takes either layout;
+prefill and full-sequence passes run XLA's einsum on "kernel_t" as well.
 
 Training, checkpoints and the HF converter keep the standard layout; so does a sharded model (the kernel does not
 run on a multi-device mesh: `applies`).
@@ -15,9 +16,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from omni_jax.kernels import small_batch_matmul
+from omni_jax.kernels import build, small_batch_matmul
 from omni_jax.models.layers import Einsum
 
 Path = tuple[str, ...]
@@ -25,7 +27,7 @@ Path = tuple[str, ...]
 
 def applies() -> bool:
     """Whether a model loaded now should take the decode layout: the CPU backend, the kernel built, one device."""
-    return (jax.default_backend() == "cpu" and not small_batch_matmul.build.multi_device_mesh()
+    return (jax.default_backend() == "cpu" and not build.multi_device_mesh()
             and small_batch_matmul.available())
 
 
@@ -77,4 +79,4 @@ def _transposed(kernel, equation: str) -> dict:
              + tuple(range(lead, lead + contracted)))
     if isinstance(kernel, np.ndarray):
         return {"kernel_t": np.ascontiguousarray(np.transpose(kernel, order))}
-    return {"kernel_t": jax.jit(lambda k: k.transpose(order))(kernel)}
+    return {"kernel_t": jnp.transpose(kernel, order)}  # one compiled transpose per (shape, order), reused
