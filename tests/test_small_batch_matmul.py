@@ -3,7 +3,9 @@ XLA's einsum (float32 and bfloat16 operands, f32 accumulation, bfloat16 with and
 only where it applies, and is what decode steps run."""
 from __future__ import annotations
 
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -147,6 +149,35 @@ def test_einsum_module_on_the_decode_layout_beyond_the_kernel(dtype):
     got = layer.apply(t_params, x).astype(jnp.float32)
     want = layer.apply(params, x).astype(jnp.float32)
     assert _max_rel_err(got, want) < (RTOL if dtype == jnp.float32 else 8e-3)
+
+
+def _weight_sized_copies(hlo: str, weight_size: int) -> list[str]:
+    """Instructions of a compiled module that produce an array of the weight's size other than parameters and
+    bitcasts: copies or transposes of it."""
+    found = []
+    for line in hlo.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]*)\]", line)
+        if match and math.prod(int(d) for d in match.group(1).split(",") if d) == weight_size:
+            if "parameter(" not in line and " bitcast(" not in line:
+                found.append(line.strip()[:100])
+    return found
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_layout_prefill_does_not_copy_the_weight(dtype):
+    """Beyond 8 rows the decode-layout weight goes to XLA as one [N, K] matrix. Given as [N..., K...] with several
+    output or contracted dims (the attention projections), XLA:CPU transposed it back to [K, N] at every call
+    (the control below): ~90 MB of copies per prefill of the 0.5B thinker."""
+    equation = "btnh,nhd->btd"
+    x = jnp.ones((3, 5, 4, 8), dtype)
+    layer = Einsum(equation, (4, 8, 40), (None,) * 3, dtype=dtype, param_dtype=dtype)
+    params = nn.unbox(layer.init(jax.random.PRNGKey(0), x))
+    t_params = {"params": decode_layout.to_decode_layout(params["params"], {(): equation})}
+    hlo = jax.jit(layer.apply).lower(t_params, x).compile().as_text()
+    assert _weight_sized_copies(hlo, 40 * 4 * 8) == []
+    control = jax.jit(lambda x, w: jnp.einsum(small_batch_matmul.decode_layout_equation(equation), x, w,
+                                              preferred_element_type=jnp.float32))
+    assert _weight_sized_copies(control.lower(x, t_params["params"]["kernel_t"]).compile().as_text(), 40 * 4 * 8)
 
 
 def test_where_it_does_not_apply():

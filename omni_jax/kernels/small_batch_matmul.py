@@ -83,16 +83,23 @@ def use_kernel(equation: str, x: jax.Array, w_t: jax.Array) -> bool:
     return available()
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def einsum(equation: str, x: jax.Array, w_t: jax.Array) -> jax.Array:
-    """`jnp.einsum(equation, x, w, preferred_element_type=float32)` on the kernel, for w_t = w in the decode layout
-    (`decode_layout_equation`); `use_kernel` must hold."""
+def matrix_operands(equation: str, x: jax.Array, w_t: jax.Array) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
+    """For a canonical equation and w_t in the decode layout: x as [M, K], w_t as [N, K] (reshapes of contiguous
+    arrays, free) and the shape x2 . w2^T [M, N] reshapes back to."""
     n_rows, n_contracted = _canonical_split(equation)
     rows_shape = x.shape[:n_rows]
     k = math.prod(x.shape[n_rows:])
     cols_shape = w_t.shape[:w_t.ndim - n_contracted]
-    y = matmul(x.reshape(math.prod(rows_shape), k), w_t.reshape(math.prod(cols_shape), k))
-    return y.reshape(*rows_shape, *cols_shape)
+    return (x.reshape(math.prod(rows_shape), k), w_t.reshape(math.prod(cols_shape), k),
+            (*rows_shape, *cols_shape))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum(equation: str, x: jax.Array, w_t: jax.Array) -> jax.Array:
+    """`jnp.einsum(equation, x, w, preferred_element_type=float32)` on the kernel, for w_t = w in the decode layout
+    (`decode_layout_equation`); `use_kernel` must hold."""
+    x2, w2, out_shape = matrix_operands(equation, x, w_t)
+    return matmul(x2, w2).reshape(out_shape)
 
 
 def _einsum_fwd(equation, x, w_t):
