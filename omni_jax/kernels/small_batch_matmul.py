@@ -38,6 +38,7 @@ def available() -> bool:
     return build.load(_SOURCE, {_TARGET: "OmniJaxSmallBatchMatmul"}, ENV_SWITCH)
 
 
+@jax.custom_vjp
 def matmul(x: jax.Array, w_t: jax.Array) -> jax.Array:
     """x [M, K] . w_t [N, K]^T -> [M, N] float32; x and w_t both float32 or both bfloat16, 1 <= M <= 8."""
     if not available():
@@ -46,7 +47,20 @@ def matmul(x: jax.Array, w_t: jax.Array) -> jax.Array:
                             vmap_method="sequential")(x, w_t)
 
 
-def _canonical_split(equation: str) -> Optional[tuple[int, int]]:
+def _matmul_fwd(x, w_t):
+    return matmul(x, w_t), (x, w_t)
+
+
+def _matmul_bwd(residuals, g):  # gradients as XLA's product would give them (not a hot path)
+    _, pullback = jax.vjp(lambda a, b: jnp.einsum("mk,nk->mn", a, b, preferred_element_type=jnp.float32),
+                          *residuals)
+    return pullback(g)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def canonical_split(equation: str) -> Optional[tuple[int, int]]:
     """For "<rows><contracted>,<contracted><cols>-><rows><cols>" the lengths (len(rows), len(contracted))."""
     inputs, out = equation.replace(" ", "").split("->")
     lhs, rhs = inputs.split(",")
@@ -62,7 +76,7 @@ def _canonical_split(equation: str) -> Optional[tuple[int, int]]:
 def decode_layout_equation(equation: str) -> Optional[str]:
     """The equation with the weight in the decode layout (its contracted dims moved last), e.g. "btnh,nhd->btd"
     -> "btnh,dnh->btd"; None where the equation is not canonical (such weights keep their layout)."""
-    split = _canonical_split(equation)
+    split = canonical_split(equation)
     if split is None:
         return None
     inputs, out = equation.replace(" ", "").split("->")
@@ -74,7 +88,7 @@ def use_kernel(equation: str, x: jax.Array, w_t: jax.Array) -> bool:
     """Whether `einsum(equation, x, w_t)` (w_t in the decode layout) should run on the kernel (module docstring)."""
     if x.dtype != w_t.dtype or x.dtype not in (jnp.float32, jnp.bfloat16) or jax.default_backend() != "cpu":
         return False
-    split = _canonical_split(equation)
+    split = canonical_split(equation)
     if split is None:
         return False
     rows = math.prod(x.shape[:split[0]])
@@ -86,7 +100,7 @@ def use_kernel(equation: str, x: jax.Array, w_t: jax.Array) -> bool:
 def matrix_operands(equation: str, x: jax.Array, w_t: jax.Array) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
     """For a canonical equation and w_t in the decode layout: x as [M, K], w_t as [N, K] (reshapes of contiguous
     arrays, free) and the shape x2 . w2^T [M, N] reshapes back to."""
-    n_rows, n_contracted = _canonical_split(equation)
+    n_rows, n_contracted = canonical_split(equation)
     rows_shape = x.shape[:n_rows]
     k = math.prod(x.shape[n_rows:])
     cols_shape = w_t.shape[:w_t.ndim - n_contracted]
@@ -94,23 +108,8 @@ def matrix_operands(equation: str, x: jax.Array, w_t: jax.Array) -> tuple[jax.Ar
             (*rows_shape, *cols_shape))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def einsum(equation: str, x: jax.Array, w_t: jax.Array) -> jax.Array:
     """`jnp.einsum(equation, x, w, preferred_element_type=float32)` on the kernel, for w_t = w in the decode layout
     (`decode_layout_equation`); `use_kernel` must hold."""
     x2, w2, out_shape = matrix_operands(equation, x, w_t)
     return matmul(x2, w2).reshape(out_shape)
-
-
-def _einsum_fwd(equation, x, w_t):
-    return einsum(equation, x, w_t), (x, w_t)
-
-
-def _einsum_bwd(equation, residuals, g):  # gradients as XLA's einsum would give them (not a hot path)
-    x, w_t = residuals
-    _, pullback = jax.vjp(lambda a, b: jnp.einsum(decode_layout_equation(equation), a, b,
-                                                  preferred_element_type=jnp.float32), x, w_t)
-    return pullback(g)
-
-
-einsum.defvjp(_einsum_fwd, _einsum_bwd)

@@ -17,7 +17,6 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from omni_jax.kernels import build, small_batch_matmul
 from omni_jax.models.layers import Einsum
@@ -70,13 +69,11 @@ def to_decode_layout(params: Mapping[str, Any], equations: Mapping[Path, str],
 
 def _transposed(kernel, equation: str) -> dict:
     """{"kernel_t": kernel in the decode layout}, or {"kernel": kernel} where the equation is not canonical."""
-    if small_batch_matmul.decode_layout_equation(equation) is None:
+    split = small_batch_matmul.canonical_split(equation)
+    if split is None:
         return {"kernel": kernel}
-    lhs, rhs = equation.replace(" ", "").split("->")[0].split(",")
-    contracted = sum(letter in lhs for letter in rhs)  # canonical: the weight's leading dims
-    lead = kernel.ndim - len(rhs)  # stacked layers
+    contracted = split[1]  # canonical: the weight's leading dims
+    lead = kernel.ndim - len(equation.replace(" ", "").split("->")[0].split(",")[1])  # stacked layers
     order = (tuple(range(lead)) + tuple(range(lead + contracted, kernel.ndim))
              + tuple(range(lead, lead + contracted)))
-    if isinstance(kernel, np.ndarray):
-        return {"kernel_t": np.ascontiguousarray(np.transpose(kernel, order))}
     return {"kernel_t": jnp.transpose(kernel, order)}  # one compiled transpose per (shape, order), reused

@@ -47,12 +47,14 @@ class Einsum(nn.Module):
         x = x.astype(self.dtype)
         if self.has_variable("params", "kernel_t"):
             kernel_t = jnp.asarray(nn.meta.unbox(self.get_variable("params", "kernel_t")), self.dtype)
+            # One [M, K] . [N, K]^T product on either path: given several output or contracted dims, XLA:CPU's GEMM
+            # would take a transposed copy of the weight at every call (the attention projections in prefill).
+            x2, w2, out_shape = small_batch_matmul.matrix_operands(self.equation, x, kernel_t)
             if small_batch_matmul.use_kernel(self.equation, x, kernel_t):  # decode steps on the CPU
-                y = small_batch_matmul.einsum(self.equation, x, kernel_t)
-            else:  # as one [M, K] . [N, K]^T product: with several output or contracted dims XLA:CPU's GEMM
-                # would take a transposed copy of the weight at every call (the attention projections in prefill)
-                x2, w2, out_shape = small_batch_matmul.matrix_operands(self.equation, x, kernel_t)
-                y = _xla_einsum("mk,nk->mn", x2, w2).reshape(out_shape)
+                y = small_batch_matmul.matmul(x2, w2)
+            else:
+                y = _xla_einsum("mk,nk->mn", x2, w2)
+            y = y.reshape(out_shape)
         else:
             kernel = self.param(
                 "kernel",
