@@ -497,7 +497,8 @@ def markdown_table(data: dict) -> str:
         u = _get(res, "ours", "talker", dtype, "batch1", "tokens_per_s")
         if bw and nbytes and u:
             bound = bw / nbytes
-            lines.append(f"\nTalker {dtype} batch 1: read bandwidth {bw / 1e9:.1f} GB/s in ours' worker, "
+            lines.append(f"\nTalker {dtype} batch 1: read bandwidth {bw / 1e9:.1f} GB/s in ours' worker (the faster of "
+                         f"4 KiB and huge pages), "
                          f"{nbytes / 1e9:.2f} GB of weights a step: bound {bound:.2f} tok/s, ours at "
                          f"{100 * u / bound:.0f}% of it.")
     peak = res.get("ours/peak/all", {})
