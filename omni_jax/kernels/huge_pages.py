@@ -2,7 +2,8 @@
 
 A decode step reads every projection weight of the language model from DRAM once, in order. XLA's CPU buffers
 come from malloc, in 4 KiB pages unless the whole process started with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
-(every allocation then; measured no faster for the decode step, whose temporaries then fault in 2 MiB at a time).
+(every allocation then; measured no faster for the decode step, perhaps because its temporaries then fault in
+2 MiB at a time: not verified).
 On the 2-core AMD EPYC VM this was built on, a 2-thread read of 2.6 GB ran 42 GB/s on 4 KiB pages and 46-50 GB/s on
 huge pages, measured in the same process (docs/performance.md).
 
