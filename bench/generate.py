@@ -243,8 +243,8 @@ def main() -> int:
     bw = results["bandwidth"]["read_bytes_per_s"]
     rounds_note = f" (best of {args.rounds} alternating rounds)" if args.rounds > 1 else ""
     pages = results["bandwidth"]
-    pages_note = (f" (4 KiB pages {pages['read_bytes_per_s_4k_pages'] / 1e9:.1f}, huge pages "
-                  f"{pages['read_bytes_per_s_huge_pages'] / 1e9:.1f})" if "read_bytes_per_s_4k_pages" in pages else "")
+    pages_note = (f" (4 KiB pages {pages['read_bytes_per_s_4k_pages'] / 1e9:.1f}, "
+                  f"huge pages {pages['read_bytes_per_s_huge_pages'] / 1e9:.1f})")
     print(f"\nread bandwidth {bw / 1e9:.1f} GB/s{pages_note}{rounds_note}; prefill {PREFILL_TOKENS} tokens; "
           f"decode {args.new_tokens} new tokens "
           f"after a {args.decode_prompt_tokens}-token prompt")

@@ -16,7 +16,11 @@ from omni_jax.kernels import huge_pages
 from omni_jax.models import decode_layout
 from omni_jax.models.layers import Einsum
 
-pytestmark = pytest.mark.skipif(not huge_pages.enabled(), reason="no MADV_HUGEPAGE on this system")
+# Off Linux, or with a Python whose mmap lacks MADV_HUGEPAGE, or with OMNI_JAX_CPU_HUGE_PAGES=0 set, `hold` returns
+# its argument unchanged by design: there is no huge-page memory to check.
+pytestmark = pytest.mark.skipif(not huge_pages.enabled(),
+                                reason="huge_pages.hold is a no-op here (not Linux, no MADV_HUGEPAGE, or "
+                                       "OMNI_JAX_CPU_HUGE_PAGES=0)")
 
 
 def _thp_mode() -> str:
@@ -37,7 +41,8 @@ def test_hold_keeps_values_and_aliases_aligned_memory():
     assert float(jax.jit(lambda x: jnp.sum(x.astype(jnp.float32) ** 2))(held)) > 0
 
 
-@pytest.mark.skipif(_thp_mode() == "never", reason="transparent huge pages switched off on this system")
+@pytest.mark.skipif(_thp_mode() == "never", reason="THP is 'never' on this system: the kernel gives no huge pages "
+                    "to any mapping, so there are none to find (alignment and aliasing are checked above)")
 def test_held_memory_is_in_huge_pages():
     array = jnp.ones((16, 1024, 1024), jnp.float32)  # 64 MiB: 32 huge pages
     held = huge_pages.hold(array)

@@ -3,9 +3,9 @@
 A decode step reads every projection weight of the language model from DRAM once, in order. XLA's CPU buffers
 come from malloc, in 4 KiB pages unless the whole process started with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
 (every allocation then; measured no faster for the decode step, perhaps because its temporaries then fault in
-2 MiB at a time: not verified).
-On the 2-core AMD EPYC VM this was built on, a 2-thread read of 2.6 GB ran 42 GB/s on 4 KiB pages and 46-50 GB/s on
-huge pages, measured in the same process (docs/performance.md).
+2 MiB at a time: not verified). On the 2-core AMD EPYC VM this was built on, a 2-thread read of 2.6 GB ran 42 GB/s
+on 4 KiB pages and 46-50 GB/s on huge pages, measured in the same process; a batch-1 talker decode step got 3-4%
+faster, an 8-row one no faster (docs/performance.md).
 
 `hold(array)` copies one large array into an anonymous mapping aligned to 2 MiB and advised `MADV_HUGEPAGE`, and
 hands that memory to JAX without a copy (`jax.device_put(..., may_alias=True)` aliases a host numpy array on the

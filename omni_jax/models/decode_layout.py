@@ -6,7 +6,8 @@ needs the weight with its contracted (input) dims last. Converting a param tree 
 serving (`OmniModel`, `SpeechModel`), costs one transposed copy of those weights (held instead of the original
 once loading is done; both exist while it runs) and nothing per step. The `Einsum` layer takes either layout;
 prefill and full-sequence passes run XLA's einsum on "kernel_t" as well. Each converted weight is held in
-transparent huge pages (`omni_jax.kernels.huge_pages`): the decode step streams it from DRAM ~10% faster.
+transparent huge pages (`omni_jax.kernels.huge_pages`): a streaming read of them is ~10% faster, a batch-1 decode
+step 3-4% (docs/performance.md).
 
 Training, checkpoints and the HF converter keep the standard layout; so does a sharded model (the kernel does not
 run on a multi-device mesh: `applies`).
