@@ -1,7 +1,13 @@
 """omni_jax.kernels.cache_attention: a decode step's attention over one layer of the stacked KV cache, read in
-place, equals slicing the layer and running the dense path (`_xla_attention`), for float32 and bfloat16 caches,
-GQA group sizes of the released configs, left padding, empty slots, a padding query row and a traced layer index."""
+place, equals slicing the layer and running the dense path (`_xla_attention`), for float32 and bfloat16 caches
+(bfloat16 with and without the dot-product instruction), GQA group sizes of the released configs, short and long
+caches (slot ranges, chunks and blocks with tails), left padding, empty slots, a padding query row and a traced
+layer index; slots past the last one any row attends to are not read."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +39,8 @@ def _inputs(dtype, batch, heads, kv_heads, head_dim, slots=45, layers=3, written
     return q, cache, mask
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("batch,heads,kv_heads,head_dim", [(3, 12, 4, 128), (2, 14, 2, 64), (1, 28, 4, 128),
-                                                            (3, 4, 4, 64)])
-def test_kernel_equals_sliced_dense_attention(dtype, batch, heads, kv_heads, head_dim):
-    q, cache, mask = _inputs(dtype, batch, heads, kv_heads, head_dim)
+def _check_against_dense(dtype, batch, heads, kv_heads, head_dim, slots, written):
+    q, cache, mask = _inputs(dtype, batch, heads, kv_heads, head_dim, slots=slots, written=written)
     assert cache_attention.use_kernel(heads, cache.k, cache.dtype)
     scale = head_dim**-0.5
     run = jax.jit(lambda q, k, v, layer: attn.cached_attention(q, k, v, layer, dtype, mask, scale=scale))
@@ -54,6 +57,55 @@ def test_kernel_equals_sliced_dense_attention(dtype, batch, heads, kv_heads, hea
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
         if batch > 2:
             assert np.all(np.asarray(got, np.float32)[-1] == 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("batch,heads,kv_heads,head_dim,slots,written", [
+    (3, 12, 4, 128, 45, 38), (2, 14, 2, 64, 45, 38), (1, 28, 4, 128, 45, 38), (3, 4, 4, 64, 45, 38),
+    (1, 12, 4, 128, 300, 261), (4, 28, 4, 128, 200, 157)])  # long: several ranges / chunks / blocks, with tails
+def test_kernel_equals_sliced_dense_attention(dtype, batch, heads, kv_heads, head_dim, slots, written):
+    _check_against_dense(dtype, batch, heads, kv_heads, head_dim, slots, written)
+
+
+_WIDENED_CHECK = """
+import sys
+sys.path.insert(0, {tests!r})
+import jax.numpy as jnp
+import test_cache_attention as t
+for shape in [(3, 12, 4, 128, 45, 38), (1, 28, 4, 128, 300, 261)]:
+    t._check_against_dense(jnp.bfloat16, *shape)
+print("checked")
+"""
+
+
+def test_bfloat16_scores_without_the_dot_product_instruction():
+    """The bfloat16 scores' path for CPUs without AVX512_BF16 (widened to float32 in registers), forced on this one
+    by OMNI_JAX_CPU_BF16_WIDEN=1 in a fresh process (the kernel reads it once)."""
+    env = dict(os.environ, OMNI_JAX_CPU_BF16_WIDEN="1")
+    script = _WIDENED_CHECK.format(tests=os.path.dirname(__file__))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checked" in result.stdout
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_slots_past_the_attended_ones_are_not_read(dtype):
+    """NaN keys and values in the slots after the last one any row attends to (as a reused cache could hold) leave
+    the output finite and equal to that of a cache with zeros there: the kernel stops at that slot. The kernel's
+    own limit: scores past it are 0, and a limit of 0 gives zeros."""
+    q, cache, mask = _inputs(dtype, 3, 12, 4, 128, slots=130, written=71)
+    run = jax.jit(lambda k, v: attn.cached_attention(q, k, v, 1, dtype, mask, scale=0.1))
+    want = run(cache.k, cache.v)
+    nan = to_storage(jnp.full(cache.k.shape, jnp.nan), dtype)
+    beyond = (jnp.arange(130) >= 71)[None, None, :, None, None]
+    got = run(jnp.where(beyond, nan, cache.k), jnp.where(beyond, nan, cache.v))
+    assert np.all(np.isfinite(np.asarray(got, np.float32)))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+    scores = cache_attention.scores(q[:, 0], cache.k, 1, 50)
+    assert np.all(np.asarray(scores)[:, :, 50:] == 0) and np.all(np.asarray(scores)[:, :, :50] != 0)
+    assert np.all(np.asarray(cache_attention.scores(q[:, 0], cache.k, 1, 0)) == 0)
+    assert np.all(np.asarray(cache_attention.mix(jnp.ones((3, 12, 130)), cache.v, 1, 0)) == 0)
 
 
 def test_where_it_does_not_apply():

@@ -83,8 +83,8 @@ print("checked", len(SHAPES))
 
 def test_bfloat16_without_the_dot_product_instruction():
     """The path for CPUs without AVX512_BF16 (the weight widened to float32 in registers), forced on this one by
-    OMNI_JAX_CPU_MATMUL_WIDEN=1 in a fresh process (the kernel reads it once)."""
-    env = dict(os.environ, OMNI_JAX_CPU_MATMUL_WIDEN="1")
+    OMNI_JAX_CPU_BF16_WIDEN=1 in a fresh process (the kernel reads it once)."""
+    env = dict(os.environ, OMNI_JAX_CPU_BF16_WIDEN="1")
     script = _WIDENED_CHECK.format(tests=os.path.dirname(__file__))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,12 +7,29 @@
 // omni_jax.models.kv_cache stores) and `layer` a scalar operand, so no layer slice is copied. XLA's dot wants the
 // (b, kv-head) batch dims leading and copied every layer's cache into that layout at every step; a
 // multiply-reduce form instead materialised a float32 copy of the layer. The softmax between the two products
-// stays in XLA. Products are float32 (bfloat16 widened exactly), sums float32. Work items are (b, kv head) pairs
-// taken from a shared counter by XLA's intra-op thread pool and the calling thread.
+// stays in XLA. q comes in the cache's element type. Sums are float32: bfloat16 scores use AVX512_BF16's pairwise
+// dot product (exact products, the pair's sum rounded once), or widen to float32 where the CPU lacks it; the mix
+// widens values (exactly) and multiplies by float32 probabilities.
+//
+// Only slots below the scalar operand `limit` are read: the caller passes one past the last slot any row may
+// attend to, so the rest have probability exactly 0 (their scores are written as 0 and masked by the caller).
+// Work items are (row b, a range of slots), taken from a shared counter by XLA's intra-op thread pool and the
+// calling thread. With fewer rows than items wanted the slots are split into ranges, and the mix of each range is
+// a partial sum added up at the end, in range order.
+//
+// Scores: a register tile of T slots x the G query heads of one kv head accumulates 16-lane partial products
+// along d, summed once per tile (lane_sums.h); a tile's kv heads are taken in turn, so an item reads its slots'
+// [range, K, d] block in address order. Mix: slots in blocks of kMixBlock; each (kv head, column block) pass
+// keeps G x W accumulators in registers and reads its part of every slot's row, the block staying in cache
+// between passes while the next block is prefetched, a line or two per slot of a pass.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
+#include "bf16_dot.h"
+#include "lane_sums.h"
 #include "pool_items.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -20,8 +37,16 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMaxGroups = 8;  // query heads per kv head
-constexpr int64_t kBlock = 64;     // head-dim block of CacheMix's accumulators (4 zmm per query head)
+constexpr int64_t kMaxGroups = 8;       // query heads per kv head
+constexpr int64_t kItemsPerThread = 4;  // items wanted per pool thread (load balance)
+constexpr int64_t kMinRange = 64;       // slots of the shortest range a row is split into
+constexpr int64_t kMixBlock = 64;       // slots per block of CacheMix (<= 64 KB of bf16 cache at K = 4, d = 128)
+
+struct Shape {
+  int64_t B, S, K, d, G, layer;
+  // first element of cache[layer, b, s, kh, :]
+  int64_t At(int64_t b, int64_t s, int64_t kh) const { return (((layer * B + b) * S + s) * K + kh) * d; }
+};
 
 inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
 
@@ -30,78 +55,206 @@ inline __m512 Load16(const uint16_t* p) {  // bfloat16 bits -> float32 (exact)
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-struct Shape {
-  int64_t B, S, K, d, G, layer;
-  // first element of cache[layer, b, s, kh, :]
-  int64_t At(int64_t b, int64_t s, int64_t kh) const { return (((layer * B + b) * S + s) * K + kh) * d; }
+// How one chunk of d is loaded and multiplied in the scores, per cache type and CPU.
+struct FloatFma {  // float32 cache and q
+  using Elem = float;
+  using Chunk = __m512;
+  static constexpr int64_t kChunk = 16;
+  OMNI_JAX_TARGET static Chunk Load(const float* p) { return Load16(p); }
+  OMNI_JAX_TARGET static __m512 Madd(__m512 acc, Chunk a, Chunk b) { return _mm512_fmadd_ps(a, b, acc); }
 };
 
-// scores[b, kh * G + g, s] for all slots s; q: float32 [B, H, d].
-template <typename C, int G>
-void ScoresItem(const float* q, const void* cache_data, float* scores, const Shape& sh, int64_t b, int64_t kh) {
-  const C* cache = static_cast<const C*>(cache_data);
-  const int64_t H = sh.K * G;
-  const float* qb = q + (b * H + kh * G) * sh.d;
-  float* out = scores + (b * H + kh * G) * sh.S;
-  for (int64_t s = 0; s < sh.S; ++s) {
-    const C* ks = cache + sh.At(b, s, kh);
-    __m512 acc[G];
-    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < sh.d; j += 16) {
-      const __m512 kv = Load16(ks + j);
-      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qb + g * sh.d + j), kv, acc[g]);
+struct BfloatWidened : FloatFma {  // bfloat16 bits widened to float32: CPUs without AVX512_BF16
+  using Elem = uint16_t;
+  OMNI_JAX_TARGET static Chunk Load(const uint16_t* p) { return Load16(p); }
+};
+
+struct BfloatDot {  // bfloat16 bits, AVX512_BF16: 32 elements of d per instruction
+  using Elem = uint16_t;
+  using Chunk = __m512bh;
+  static constexpr int64_t kChunk = 32;
+  OMNI_JAX_TARGET static Chunk Load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  OMNI_JAX_TARGET static __m512 Madd(__m512 acc, Chunk a, Chunk b) { return _mm512_dpbf16_ps(acc, a, b); }
+};
+
+// Slots per scores tile for G query heads per kv head: G * T accumulators (<= 24) with T cache chunks and one
+// q chunk in the 32 zmm registers.
+template <int G>
+constexpr int ScoreSlots() {
+  return G <= 2 ? 8 : G == 3 ? 7 : G == 4 ? 6 : G <= 6 ? 4 : 3;
+}
+
+// out[g * ld + t] = qg[g, :] . rows[t * stride :][:d] for g < G, t < T (qg: the G query heads of one kv head).
+template <class Op, int G, int T>
+OMNI_JAX_TARGET void ScoreTile(const typename Op::Elem* qg, const typename Op::Elem* rows, int64_t stride,
+                               int64_t d, float* out, int64_t ld) {
+  __m512 acc[G * T];
+#pragma GCC unroll 32
+  for (int i = 0; i < G * T; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < d; j += Op::kChunk) {
+    typename Op::Chunk kv[T];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) kv[t] = Op::Load(rows + t * stride + j);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      typename Op::Chunk qv = Op::Load(qg + g * d + j);
+      asm("" : "+v"(qv));  // one load per chunk, kept in a register for the T products (not folded into each)
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) acc[g * T + t] = Op::Madd(acc[g * T + t], qv, kv[t]);
     }
-    for (int g = 0; g < G; ++g) out[g * sh.S + s] = _mm512_reduce_add_ps(acc[g]);
+  }
+  float sums[G * T];
+  omni_jax::StoreLaneSums<G * T>(acc, sums);
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g) {
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) out[g * ld + t] = sums[g * T + t];
   }
 }
 
-// out[b, kh * G + g, :] = sum_s p[b, kh * G + g, s] * v[s, :]; p: float32 [B, H, S].
-template <typename C, int G>
-void MixItem(const float* p, const void* cache_data, float* out, const Shape& sh, int64_t b, int64_t kh) {
-  const C* cache = static_cast<const C*>(cache_data);
-  const int64_t H = sh.K * G;
-  const float* pb = p + (b * H + kh * G) * sh.S;
-  float* ob = out + (b * H + kh * G) * sh.d;
-  for (int64_t j0 = 0; j0 < sh.d; j0 += kBlock) {
-    __m512 acc[G][4];
-    for (int g = 0; g < G; ++g) {
-      for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_setzero_ps();
-    }
-    for (int64_t s = 0; s < sh.S; ++s) {
-      const C* vs = cache + sh.At(b, s, kh) + j0;
-      const __m512 v0 = Load16(vs), v1 = Load16(vs + 16), v2 = Load16(vs + 32), v3 = Load16(vs + 48);
-      for (int g = 0; g < G; ++g) {
-        const __m512 pg = _mm512_set1_ps(pb[g * sh.S + s]);
-        acc[g][0] = _mm512_fmadd_ps(pg, v0, acc[g][0]);
-        acc[g][1] = _mm512_fmadd_ps(pg, v1, acc[g][1]);
-        acc[g][2] = _mm512_fmadd_ps(pg, v2, acc[g][2]);
-        acc[g][3] = _mm512_fmadd_ps(pg, v3, acc[g][3]);
+// scores[b, :, s] for slots s in [s0, s1); q [B, H, d] and the cache in Op's element type, scores [B, H, S].
+// Slots go in chunks of about 64: the tiles write a chunk's [H, chunk] scores to a local buffer, copied out row
+// by row (tiles writing T floats to each of H rows of scores directly read at a third of the rate from memory).
+template <class Op, int G>
+OMNI_JAX_TARGET void ScoresRange(const void* q_data, const void* cache_data, float* scores, const Shape& sh,
+                                 int64_t b, int64_t s0, int64_t s1) {
+  using E = typename Op::Elem;
+  constexpr int T = ScoreSlots<G>();
+  constexpr int64_t kChunk = T * (64 / T);
+  constexpr int64_t kAheadSlots = 16;  // prefetch distance of the scores tiles
+  const E* q = static_cast<const E*>(q_data);
+  const E* cache = static_cast<const E*>(cache_data);
+  const int64_t H = sh.K * G, stride = sh.K * sh.d;
+  const E* qb = q + b * H * sh.d;
+  float* ob = scores + b * H * sh.S;
+  thread_local std::vector<float> chunk_scores;
+  if (int64_t(chunk_scores.size()) < H * kChunk) chunk_scores.resize(H * kChunk);
+  float* buf = chunk_scores.data();  // [H, kChunk]
+  for (int64_t c0 = s0; c0 < s1; c0 += kChunk) {
+    const int64_t c1 = std::min(s1, c0 + kChunk);
+    int64_t s = c0;
+    for (; s + T <= c1; s += T) {
+      if (s + kAheadSlots + T <= s1) {  // this tile's slots, kAheadSlots on: the cache lines of T whole slots
+        const char* ahead = reinterpret_cast<const char*>(cache + sh.At(b, s + kAheadSlots, 0));
+        for (int64_t o = 0; o < T * stride * int64_t(sizeof(E)); o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
+      }
+      for (int64_t kh = 0; kh < sh.K; ++kh) {
+        ScoreTile<Op, G, T>(qb + kh * G * sh.d, cache + sh.At(b, s, kh), stride, sh.d,
+                            buf + kh * G * kChunk + (s - c0), kChunk);
       }
     }
+    for (; s < c1; ++s) {
+      for (int64_t kh = 0; kh < sh.K; ++kh) {
+        ScoreTile<Op, G, 1>(qb + kh * G * sh.d, cache + sh.At(b, s, kh), stride, sh.d,
+                            buf + kh * G * kChunk + (s - c0), kChunk);
+      }
+    }
+    for (int64_t h = 0; h < H; ++h) std::copy(buf + h * kChunk, buf + h * kChunk + (c1 - c0), ob + h * sh.S + c0);
+  }
+}
+
+// Columns per pass of CacheMix: W zmm per query head, G * W accumulators (<= 24) with W value chunks and one
+// broadcast probability in the 32 zmm registers.
+template <int G>
+constexpr int MixWidth() {
+  return G <= 6 ? 4 : 2;
+}
+
+// Prefetches the lines of [next, end) a few at a time, spread over the passes of the block before them.
+struct BlockPrefetch {
+  const char* next;
+  const char* end;
+  int64_t per_step;  // lines per slot of a pass
+  void Step() {
+    for (int64_t i = 0; i < per_step && next < end; ++i, next += 64) _mm_prefetch(next, _MM_HINT_T0);
+  }
+};
+
+// acc[g, :] += sum over s in [s0, s1) of pg[g * S + s] * v(s) for g < G, v(s) = rows[(s - s0) * stride :][:d]:
+// one kv head's values over a block of slots; acc [G, d] float32 is loaded and stored once per column pass.
+template <typename C, int G>
+void MixBlock(const float* pg, int64_t S, const C* rows, int64_t stride, int64_t d, int64_t s0, int64_t s1,
+              float* acc, BlockPrefetch& prefetch) {
+  constexpr int W = MixWidth<G>();
+  for (int64_t j0 = 0; j0 < d; j0 += 16 * W) {
+    __m512 a[G][W];
+#pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
-      for (int i = 0; i < 4; ++i) _mm512_storeu_ps(ob + g * sh.d + j0 + 16 * i, acc[g][i]);
+#pragma GCC unroll 4
+      for (int i = 0; i < W; ++i) a[g][i] = _mm512_loadu_ps(acc + g * d + j0 + 16 * i);
+    }
+    const C* row = rows + j0;
+    BlockPrefetch ahead = prefetch;  // a local copy the loop keeps in registers
+    for (int64_t s = s0; s < s1; ++s, row += stride) {
+      ahead.Step();
+      __m512 v[W];
+#pragma GCC unroll 4
+      for (int i = 0; i < W; ++i) v[i] = Load16(row + 16 * i);
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) {
+        const __m512 pv = _mm512_set1_ps(pg[g * S + s]);
+#pragma GCC unroll 4
+        for (int i = 0; i < W; ++i) a[g][i] = _mm512_fmadd_ps(pv, v[i], a[g][i]);
+      }
+    }
+    prefetch = ahead;
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+#pragma GCC unroll 4
+      for (int i = 0; i < W; ++i) _mm512_storeu_ps(acc + g * d + j0 + 16 * i, a[g][i]);
     }
   }
 }
 
-using ItemFn = void (*)(const float*, const void*, float*, const Shape&, int64_t, int64_t);
-
-// The item function for a cache element type C and 1 <= groups <= kMaxGroups query heads per kv head.
-template <typename C>
-ItemFn ItemFor(bool scores, int64_t groups) {
-  static constexpr ItemFn kScores[kMaxGroups] = {ScoresItem<C, 1>, ScoresItem<C, 2>, ScoresItem<C, 3>,
-                                                 ScoresItem<C, 4>, ScoresItem<C, 5>, ScoresItem<C, 6>,
-                                                 ScoresItem<C, 7>, ScoresItem<C, 8>};
-  static constexpr ItemFn kMix[kMaxGroups] = {MixItem<C, 1>, MixItem<C, 2>, MixItem<C, 3>, MixItem<C, 4>,
-                                              MixItem<C, 5>, MixItem<C, 6>, MixItem<C, 7>, MixItem<C, 8>};
-  return (scores ? kScores : kMix)[groups - 1];
+// out [H, d] = sum over s in [s0, s1) of p[b, h, s] * v[layer, b, s, h / G, :]; p float32 [B, H, S].
+template <typename C, int G>
+void MixRange(const void* p_data, const void* cache_data, float* out, const Shape& sh, int64_t b, int64_t s0,
+              int64_t s1) {
+  constexpr int W = MixWidth<G>();
+  const float* p = static_cast<const float*>(p_data);
+  const C* cache = static_cast<const C*>(cache_data);
+  const int64_t H = sh.K * G, stride = sh.K * sh.d;
+  const int64_t steps_per_slot = sh.K * (sh.d / (16 * W));  // passes over each slot of a block
+  std::fill(out, out + H * sh.d, 0.0f);
+  const float* pb = p + b * H * sh.S;
+  for (int64_t block = s0; block < s1; block += kMixBlock) {
+    const int64_t end = std::min(s1, block + kMixBlock), next_end = std::min(s1, end + kMixBlock);
+    const char* next = reinterpret_cast<const char*>(cache + sh.At(b, end, 0));
+    const int64_t lines = (next_end - end) * stride * int64_t(sizeof(C)) / 64;
+    BlockPrefetch prefetch{next, next + lines * 64, (lines + (end - block) * steps_per_slot - 1) /
+                                                        ((end - block) * steps_per_slot)};
+    for (int64_t kh = 0; kh < sh.K; ++kh) {
+      MixBlock<C, G>(pb + kh * G * sh.S, sh.S, cache + sh.At(b, block, kh), stride, sh.d, block, end,
+                     out + kh * G * sh.d, prefetch);
+    }
+  }
 }
 
-// Both handlers: check the operands, pick the item function, run one item per (b, kv head) on the pool.
-// a: q [B, H, d] (kScores) or p [B, H, S] (mix), float32; cache [L, B, S, K, d] float32 or uint16 (bfloat16 bits).
+using RangeFn = void (*)(const void*, const void*, float*, const Shape&, int64_t, int64_t, int64_t);
+
+// The range function for 1 <= groups <= kMaxGroups query heads per kv head.
+template <class Op>
+RangeFn ScoresFor(int64_t groups) {
+  static constexpr RangeFn kFns[kMaxGroups] = {ScoresRange<Op, 1>, ScoresRange<Op, 2>, ScoresRange<Op, 3>,
+                                               ScoresRange<Op, 4>, ScoresRange<Op, 5>, ScoresRange<Op, 6>,
+                                               ScoresRange<Op, 7>, ScoresRange<Op, 8>};
+  return kFns[groups - 1];
+}
+
+template <typename C>
+RangeFn MixFor(int64_t groups) {
+  static constexpr RangeFn kFns[kMaxGroups] = {MixRange<C, 1>, MixRange<C, 2>, MixRange<C, 3>, MixRange<C, 4>,
+                                               MixRange<C, 5>, MixRange<C, 6>, MixRange<C, 7>, MixRange<C, 8>};
+  return kFns[groups - 1];
+}
+
+// Both handlers: check the operands, pick the range function, run (b, slot range) items on the pool.
+// a: q [B, H, d] in the cache's element type (scores) or p [B, H, S] float32 (mix); cache [L, B, S, K, d] float32
+// or uint16 (bfloat16 bits); layer and limit: int32 scalars.
 template <bool kScores>
-ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer cache,
-                              ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer cache,
+                              ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> limit,
+                              ffi::Result<ffi::Buffer<ffi::F32>> out) {
   const auto cd = cache.dimensions(), ad = a.dimensions();
   if (cd.size() != 5 || ad.size() != 3) {
     return ffi::Error::InvalidArgument("cache attention: expected a [B, H, *] operand and a [L, B, S, K, d] cache");
@@ -109,7 +262,7 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi
   Shape sh{cd[1], cd[2], cd[3], cd[4], 0, 0};
   const int64_t H = ad[1];
   if (ad[0] != sh.B || H % sh.K != 0 || H / sh.K > kMaxGroups || ad[2] != (kScores ? sh.d : sh.S) ||
-      sh.d % kBlock != 0) {
+      sh.d % 64 != 0) {
     return ffi::Error::InvalidArgument("cache attention: operand shapes do not match the cache (or unsupported)");
   }
   sh.G = H / sh.K;
@@ -119,21 +272,66 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi
   if (!f32 && cache.element_type() != ffi::DataType::U16) {
     return ffi::Error::InvalidArgument("cache attention: the cache must be float32 or uint16 (bfloat16 bits)");
   }
-  const ItemFn item = f32 ? ItemFor<float>(kScores, sh.G) : ItemFor<uint16_t>(kScores, sh.G);
-  const float* in = a.typed_data();
+  if (a.element_type() != (kScores ? cache.element_type() : ffi::DataType::F32)) {
+    return ffi::Error::InvalidArgument("cache attention: q must have the cache's element type, p float32");
+  }
+  RangeFn range;
+  if (kScores) {
+    range = f32 ? ScoresFor<FloatFma>(sh.G) : omni_jax::HasBf16Dot() ? ScoresFor<BfloatDot>(sh.G)
+                                                                       : ScoresFor<BfloatWidened>(sh.G);
+  } else {
+    range = f32 ? MixFor<float>(sh.G) : MixFor<uint16_t>(sh.G);
+  }
+  const int64_t slots = std::clamp<int64_t>(limit.typed_data()[0], 0, sh.S);  // slots read: [0, slots)
+  const void* in = a.untyped_data();
   const void* data = cache.untyped_data();
   float* result = out->typed_data();
-  omni_jax::RunOnPool(pool, sh.B * sh.K,
-                      [=](int64_t i) { item(in, data, result, sh, i / sh.K, i % sh.K); });
+  const int64_t row = H * (kScores ? sh.S : sh.d);  // output floats per b
+  if (slots == 0) {
+    std::fill(result, result + sh.B * row, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t wanted = std::max<int64_t>(1, std::min((slots + kMinRange - 1) / kMinRange,  // ranges per row
+                                                        (threads * kItemsPerThread + sh.B - 1) / sh.B));
+  const int64_t per = (slots + wanted - 1) / wanted;
+  const int64_t ranges = (slots + per - 1) / per;
+  if (kScores) {
+    if (slots < sh.S) {  // unread slots: 0, masked by the caller
+      for (int64_t bh = 0; bh < sh.B * H; ++bh) std::fill(result + bh * sh.S + slots, result + (bh + 1) * sh.S, 0.0f);
+    }
+    omni_jax::RunOnPool(pool, sh.B * ranges, [=](int64_t i) {
+      const int64_t s0 = (i % ranges) * per;
+      range(in, data, result, sh, i / ranges, s0, std::min(slots, s0 + per));
+    });
+  } else if (ranges == 1) {
+    omni_jax::RunOnPool(pool, sh.B, [=](int64_t b) { range(in, data, result + b * row, sh, b, 0, slots); });
+  } else {  // partial sums per range, then added in range order
+    std::vector<float> partial(sh.B * ranges * row);
+    float* parts = partial.data();
+    omni_jax::RunOnPool(pool, sh.B * ranges, [=](int64_t i) {
+      const int64_t s0 = (i % ranges) * per;
+      range(in, data, parts + i * row, sh, i / ranges, s0, std::min(slots, s0 + per));
+    });
+    for (int64_t b = 0; b < sh.B; ++b) {
+      float* dst = result + b * row;
+      std::copy(parts + b * ranges * row, parts + (b * ranges + 1) * row, dst);
+      for (int64_t r = 1; r < ranges; ++r) {
+        const float* src = parts + (b * ranges + r) * row;
+        for (int64_t j = 0; j < row; ++j) dst[j] += src[j];
+      }
+    }
+  }
   return ffi::Error::Success();
 }
 
-// (q or p, cache, layer) -> float32, on XLA's intra-op pool.
+// (q or p, cache, layer, limit) -> float32, on XLA's intra-op pool.
 auto Binding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::S32>>()
       .Arg<ffi::Buffer<ffi::S32>>()
       .Ret<ffi::Buffer<ffi::F32>>();
 }

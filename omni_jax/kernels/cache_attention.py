@@ -1,7 +1,8 @@
 """CPU kernels for a decode step's attention products over one layer of the stacked KV cache, read in place.
 
-`scores(q, cache_k, layer)` -> q . k over every slot and `mix(p, cache_v, layer)` -> p-weighted sum of values
-(`cache_attention.cc`); the masked softmax between them stays in XLA (`omni_jax.models.attention`). XLA:CPU's
+`scores(q, cache_k, layer, limit)` -> q . k over the slots below `limit` and `mix(p, cache_v, layer, limit)` ->
+p-weighted sum of their values (`cache_attention.cc`); the masked softmax between them stays in XLA
+(`omni_jax.models.attention`), which passes as `limit` one past the last slot any row attends to. XLA:CPU's
 dot wants the (batch, kv-head) dims leading, so it copied each layer's [B, S, K, d] cache slice into that layout
 at every step (talker bf16 decode, batch 8, 1058 slots: ~80 ms of ~280 ms a step); the kernels read the
 [L, B, S, K, d] cache where it lies. Float32 products and sums (bfloat16 widened exactly).
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from omni_jax.kernels import build
+from omni_jax.models.kv_cache import to_storage
 
 _SOURCE = Path(__file__).with_name("cache_attention.cc")
 _SCORES, _MIX = "omni_jax_cache_scores", "omni_jax_cache_mix"
@@ -43,17 +45,20 @@ def use_kernel(num_heads: int, cache: jax.Array, cache_dtype) -> bool:
             and not build.multi_device_mesh() and available())
 
 
-def scores(q: jax.Array, cache_k: jax.Array, layer) -> jax.Array:
-    """q [B, H, d] . cache_k[layer] ([B, S, K, d]; head h reads kv head h // (H/K)) -> [B, H, S] float32."""
+def scores(q: jax.Array, cache_k: jax.Array, layer, limit) -> jax.Array:
+    """q [B, H, d] . cache_k[layer] ([B, S, K, d]; head h reads kv head h // (H/K)) -> [B, H, S] float32, for the
+    slots s < limit (a scalar); the others are 0. q is taken in the cache's dtype (bfloat16 for a uint16 cache)."""
     batch, heads, _ = q.shape
     slots = cache_k.shape[2]
+    q = to_storage(q, jnp.bfloat16 if cache_k.dtype == jnp.uint16 else cache_k.dtype)
     return jax.ffi.ffi_call(_SCORES, jax.ShapeDtypeStruct((batch, heads, slots), jnp.float32))(
-        q.astype(jnp.float32), cache_k, jnp.asarray(layer, jnp.int32))
+        q, cache_k, jnp.asarray(layer, jnp.int32), jnp.asarray(limit, jnp.int32))
 
 
-def mix(p: jax.Array, cache_v: jax.Array, layer) -> jax.Array:
-    """sum over slots of p [B, H, S] * cache_v[layer] ([B, S, K, d]) -> [B, H, d] float32."""
+def mix(p: jax.Array, cache_v: jax.Array, layer, limit) -> jax.Array:
+    """sum over the slots s < limit (a scalar) of p [B, H, S] * cache_v[layer] ([B, S, K, d]) -> [B, H, d]
+    float32; p must be 0 on the others for this to be the sum over all slots."""
     batch, heads, _ = p.shape
     head_dim = cache_v.shape[-1]
     return jax.ffi.ffi_call(_MIX, jax.ShapeDtypeStruct((batch, heads, head_dim), jnp.float32))(
-        p.astype(jnp.float32), cache_v, jnp.asarray(layer, jnp.int32))
+        p.astype(jnp.float32), cache_v, jnp.asarray(layer, jnp.int32), jnp.asarray(limit, jnp.int32))

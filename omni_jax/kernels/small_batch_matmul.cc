@@ -16,18 +16,18 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
+#include "bf16_dot.h"
+#include "lane_sums.h"
 #include "pool_items.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
-// Every function below may inline the bfloat16 dot product, so all carry its target; only BfloatDot emits it, and
-// only on CPUs that have it (HasBf16Dot).
-#define OMNI_JAX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+// Every function below may inline the bfloat16 dot product, so all carry its target (bf16_dot.h); only BfloatDot
+// emits it, and only on CPUs that have it (omni_jax::HasBf16Dot).
 
 namespace {
 
@@ -40,38 +40,6 @@ constexpr int64_t kItemsPerThread = 4;  // items per pool thread (load balance; 
 template <int M>
 constexpr int TileRows() {
   return M <= 3 ? 8 : M == 4 ? 6 : M <= 6 ? 4 : 3;
-}
-
-// Lane-sum helpers: the 8 lane sums of 8 vectors in one pass (24 shuffles/adds for 8 outputs).
-OMNI_JAX_TARGET inline __m512 AddHalves(__m512 a, __m512 b) {  // [a lanes 0-7 + 8-15 | b lanes 0-7 + 8-15]
-  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-}
-
-OMNI_JAX_TARGET inline __m512 AddQuarters(__m512 a, __m512 b) {  // 128-bit lanes: 4 partial sums of a, b, c, d
-  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
-}
-
-OMNI_JAX_TARGET inline __m256 LaneSums8(const __m512* v) {
-  const __m512 abcd = AddQuarters(AddHalves(v[0], v[1]), AddHalves(v[2], v[3]));
-  const __m512 efgh = AddQuarters(AddHalves(v[4], v[5]), AddHalves(v[6], v[7]));
-  // per 128-bit lane l: [source l of abcd: 2 partials, source l of efgh: 2 partials], then summed pairwise
-  __m512 r = _mm512_add_ps(_mm512_shuffle_ps(abcd, efgh, 0x44), _mm512_shuffle_ps(abcd, efgh, 0xEE));
-  r = _mm512_add_ps(r, _mm512_shuffle_ps(r, r, 0xB1));
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
-  return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, r));
-}
-
-// out[t] = the sum of acc[t]'s 16 lanes, t < C.
-template <int C>
-OMNI_JAX_TARGET inline void StoreLaneSums(const __m512* acc, float* out) {
-#pragma GCC unroll 8
-  for (int g = 0; g < C; g += 8) {
-    __m512 group[8];
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) group[i] = g + i < C ? acc[g + i] : _mm512_setzero_ps();
-    const int count = C - g < 8 ? C - g : 8;
-    _mm256_mask_storeu_ps(out + g, __mmask8((1u << count) - 1), LaneSums8(group));
-  }
 }
 
 // How one chunk of K is loaded and multiplied, per dtype path.
@@ -151,7 +119,7 @@ OMNI_JAX_TARGET void DotTile(const typename Op::Input* x, const typename Op::Wei
       for (int j = 0; j < B; ++j) acc[j * M + m] = Op::Madd(acc[j * M + m], wv[j], xv);
     }
   }
-  StoreLaneSums<B * M>(acc, yt);
+  omni_jax::StoreLaneSums<B * M>(acc, yt);
 }
 
 // yt[n * M + m] = x[m, :] . w[n, :] for the `rows` weight rows at w: whole tiles, then single rows.
@@ -195,16 +163,6 @@ int64_t TileRowsFor(int64_t rows) {
     case 7: return TileRows<7>();
     default: return TileRows<8>();
   }
-}
-
-// Whether to use AVX512_BF16 (checked once): the CPU has it, and OMNI_JAX_CPU_MATMUL_WIDEN is not "1" (which
-// forces the widening path, for tests of the fallback on machines that have the instruction).
-bool HasBf16Dot() {
-  static const bool has = [] {
-    const char* widen = std::getenv("OMNI_JAX_CPU_MATMUL_WIDEN");
-    return __builtin_cpu_supports("avx512bf16") && !(widen != nullptr && std::strcmp(widen, "1") == 0);
-  }();
-  return has;
 }
 
 // A float32 buffer of at least `floats` this thread keeps across calls (an item's outputs in [n, m] order).
@@ -253,7 +211,7 @@ ffi::Error SmallBatchMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
   if (!bf16) {
     Run<FloatFma>(pool, static_cast<const float*>(x.untyped_data()), static_cast<const float*>(w.untyped_data()),
                   out, M, K, N);
-  } else if (HasBf16Dot()) {
+  } else if (omni_jax::HasBf16Dot()) {
     Run<BfloatDot>(pool, static_cast<const uint16_t*>(x.untyped_data()),
                    static_cast<const uint16_t*>(w.untyped_data()), out, M, K, N);
   } else {  // x widened once here; the weight is widened in registers as it streams

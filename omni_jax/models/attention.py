@@ -295,13 +295,17 @@ def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer
     `storage_dtype(cache_dtype)`), keys and values read as q's dtype.
 
     Decode steps (T = 1) on the CPU run on `omni_jax.kernels.cache_attention`, which reads the layer where it lies
-    (no per-layer copy into the dot's layout); the masked softmax is `_xla_attention`'s, probabilities rounded
-    to q's dtype as there. Elsewhere the layer is sliced and `attention` runs."""
+    (no per-layer copy into the dot's layout), and only up to the last slot any row attends to (the preallocated
+    slots beyond it are not read); the masked softmax is `_xla_attention`'s, probabilities rounded to q's dtype
+    as there. Elsewhere the layer is sliced and `attention` runs."""
     if (backend == "xla" and q.shape[1] == 1 and jnp.dtype(cache_dtype) == q.dtype
             and cache_attention.use_kernel(q.shape[2], cache_k, cache_dtype)):
-        logits = cache_attention.scores(q[:, 0], cache_k, layer_index) * scale  # [B, H, S]
-        probs = _masked_probs(logits, mask.dense()[:, 0, None, :], -1, q.dtype)  # mask [B, 1, S]
-        return cache_attention.mix(probs, cache_v, layer_index)[:, None].astype(q.dtype)  # [B, 1, H, d]
+        allowed = mask.dense()[:, 0, None, :]  # [B, 1, S]
+        slots = jax.lax.broadcasted_iota(jnp.int32, allowed.shape, 2)
+        limit = jnp.max(jnp.where(allowed, slots + 1, 0))  # one past the last slot any row attends to
+        logits = cache_attention.scores(q[:, 0], cache_k, layer_index, limit) * scale  # [B, H, S]
+        probs = _masked_probs(logits, allowed, -1, q.dtype)  # 0 at and beyond limit
+        return cache_attention.mix(probs, cache_v, layer_index, limit)[:, None].astype(q.dtype)  # [B, 1, H, d]
     k = from_storage(cache_k[layer_index], cache_dtype).astype(q.dtype)  # [B, S, K, d]
     v = from_storage(cache_v[layer_index], cache_dtype).astype(q.dtype)
     return attention(q, k, v, mask, scale=scale, backend=backend)
