@@ -114,13 +114,13 @@ OMNI_JAX_TARGET void ScoreTile(const typename Op::Elem* qg, const typename Op::E
 
 // scores[b, :, s] for slots s in [s0, s1); q [B, H, d] and the cache in Op's element type, scores [B, H, S].
 // Slots go in chunks of about 64: the tiles write a chunk's [H, chunk] scores to a local buffer, copied out row
-// by row (tiles writing T floats to each of H rows of scores directly read at a third of the rate from memory).
+// by row (tiles writing T floats to each of H rows of scores directly ran at about half the rate from memory).
 template <class Op, int G>
 OMNI_JAX_TARGET void ScoresRange(const void* q_data, const void* cache_data, float* scores, const Shape& sh,
                                  int64_t b, int64_t s0, int64_t s1) {
   using E = typename Op::Elem;
   constexpr int T = ScoreSlots<G>();
-  constexpr int64_t kChunk = T * (64 / T);
+  constexpr int64_t kSlotsPerChunk = T * (64 / T);
   constexpr int64_t kAheadSlots = 16;  // prefetch distance of the scores tiles
   const E* q = static_cast<const E*>(q_data);
   const E* cache = static_cast<const E*>(cache_data);
@@ -128,10 +128,10 @@ OMNI_JAX_TARGET void ScoresRange(const void* q_data, const void* cache_data, flo
   const E* qb = q + b * H * sh.d;
   float* ob = scores + b * H * sh.S;
   thread_local std::vector<float> chunk_scores;
-  if (int64_t(chunk_scores.size()) < H * kChunk) chunk_scores.resize(H * kChunk);
-  float* buf = chunk_scores.data();  // [H, kChunk]
-  for (int64_t c0 = s0; c0 < s1; c0 += kChunk) {
-    const int64_t c1 = std::min(s1, c0 + kChunk);
+  if (int64_t(chunk_scores.size()) < H * kSlotsPerChunk) chunk_scores.resize(H * kSlotsPerChunk);
+  float* buf = chunk_scores.data();  // [H, kSlotsPerChunk]
+  for (int64_t c0 = s0; c0 < s1; c0 += kSlotsPerChunk) {
+    const int64_t c1 = std::min(s1, c0 + kSlotsPerChunk);
     int64_t s = c0;
     for (; s + T <= c1; s += T) {
       if (s + kAheadSlots + T <= s1) {  // this tile's slots, kAheadSlots on: the cache lines of T whole slots
@@ -140,16 +140,16 @@ OMNI_JAX_TARGET void ScoresRange(const void* q_data, const void* cache_data, flo
       }
       for (int64_t kh = 0; kh < sh.K; ++kh) {
         ScoreTile<Op, G, T>(qb + kh * G * sh.d, cache + sh.At(b, s, kh), stride, sh.d,
-                            buf + kh * G * kChunk + (s - c0), kChunk);
+                            buf + kh * G * kSlotsPerChunk + (s - c0), kSlotsPerChunk);
       }
     }
     for (; s < c1; ++s) {
       for (int64_t kh = 0; kh < sh.K; ++kh) {
         ScoreTile<Op, G, 1>(qb + kh * G * sh.d, cache + sh.At(b, s, kh), stride, sh.d,
-                            buf + kh * G * kChunk + (s - c0), kChunk);
+                            buf + kh * G * kSlotsPerChunk + (s - c0), kSlotsPerChunk);
       }
     }
-    for (int64_t h = 0; h < H; ++h) std::copy(buf + h * kChunk, buf + h * kChunk + (c1 - c0), ob + h * sh.S + c0);
+    for (int64_t h = 0; h < H; ++h) std::copy(buf + h * kSlotsPerChunk, buf + h * kSlotsPerChunk + (c1 - c0), ob + h * sh.S + c0);
   }
 }
 
