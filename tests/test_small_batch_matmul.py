@@ -8,10 +8,12 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 
@@ -19,9 +21,10 @@ from omni_jax.kernels import small_batch_matmul
 from omni_jax.models import decode_layout
 from omni_jax.models.layers import Einsum
 
-# The kernel needs AVX-512 (checked in /proc/cpuinfo); every CI machine of this project has it. Elsewhere the
-# model runs through jnp.einsum and these tests have nothing to check.
-pytestmark = pytest.mark.skipif(not small_batch_matmul._cpu_has_features(), reason="CPU without AVX-512")
+# The kernel needs AVX-512 or AVX2 with FMA (checked in /proc/cpuinfo); CI machines of this project have one or the
+# other (AVX-512 with AVX512_BF16, or AVX2 only). Elsewhere the model runs through jnp.einsum and these tests have
+# nothing to check.
+pytestmark = pytest.mark.skipif(not small_batch_matmul._cpu_has_features(), reason="CPU without AVX-512 or AVX2 with FMA")
 
 # Layer outputs: both sides sum the same float32 products (bf16 x bf16 products are exact in f32) over K <= 64
 # terms in different orders: a few float32 ulp of the output's scale.
@@ -39,6 +42,27 @@ def _max_rel_err(got, want):
 
 def test_builds_and_registers():
     assert small_batch_matmul.available()
+
+
+def test_instruction_set_choice(monkeypatch, tmp_path):
+    """The widest instruction set the CPU has, or the one OMNI_JAX_CPU_KERNEL_ISA names if the CPU has it (else
+    none: the model then runs on XLA); each set compiles into its own cached library."""
+    from omni_jax.kernels import build
+
+    cpu = Path("/proc/cpuinfo").read_text().split()
+    has_avx512 = all(flag in cpu for flag in build.ISAS["avx512"][0])
+    monkeypatch.delenv(build.ISA_ENV, raising=False)
+    assert build.cpu_isa() == ("avx512" if has_avx512 else "avx2")
+    monkeypatch.setenv(build.ISA_ENV, "avx2")
+    assert build.cpu_isa() == "avx2"
+    monkeypatch.setenv(build.ISA_ENV, "avx512")
+    assert build.cpu_isa() == ("avx512" if has_avx512 else None)
+    monkeypatch.setenv(build.ISA_ENV, "sse2")
+    assert build.cpu_isa() is None
+    monkeypatch.setenv("OMNI_JAX_KERNEL_CACHE", str(tmp_path))  # compiling needs the compiler only, not the CPU
+    source = Path(small_batch_matmul.__file__).with_name("small_batch_matmul.cc")
+    libraries = {build.compile_source(source, isa) for isa in build.ISAS}
+    assert len(libraries) == len(build.ISAS) and all(library.parent == tmp_path for library in libraries)
 
 
 SHAPES = [(1, 1, 1), (1, 896, 4864), (2, 7, 33), (3, 100, 1000), (5, 17, 15), (8, 4864, 896), (8, 64, 2049),
@@ -67,28 +91,37 @@ def test_matmul_equals_einsum(dtype, rows, k, n):
     _check_against_float64(x, w_t, got)
 
 
-_WIDENED_CHECK = """
+_FRESH_PROCESS_CHECK = """
 import jax, jax.numpy as jnp, numpy as np, sys
 sys.path.insert(0, {tests!r})
 from test_small_batch_matmul import SHAPES, _check_against_float64
-from omni_jax.kernels import small_batch_matmul
-for rows, k, n in SHAPES:
-    rng = np.random.default_rng(rows * 1000 + k + n)
-    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
-    w_t = jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16)
-    _check_against_float64(x, w_t, jax.jit(small_batch_matmul.matmul)(x, w_t))
+from omni_jax.kernels import build, small_batch_matmul
+print("isa", build.cpu_isa())
+for dtype in {dtypes}:
+    for rows, k, n in SHAPES:
+        rng = np.random.default_rng(rows * 1000 + k + n)
+        x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
+        w_t = jnp.asarray(rng.standard_normal((n, k)), dtype)
+        _check_against_float64(x, w_t, jax.jit(small_batch_matmul.matmul)(x, w_t))
 print("checked", len(SHAPES))
 """
 
 
-def test_bfloat16_without_the_dot_product_instruction():
-    """The path for CPUs without AVX512_BF16 (the weight widened to float32 in registers), forced on this one by
-    OMNI_JAX_CPU_BF16_WIDEN=1 in a fresh process (the kernel reads it once)."""
-    env = dict(os.environ, OMNI_JAX_CPU_BF16_WIDEN="1")
-    script = _WIDENED_CHECK.format(tests=os.path.dirname(__file__))
+@pytest.mark.parametrize("variable,value,dtypes,isa", [
+    # the path for CPUs without AVX512_BF16 (the weight widened to float32 in registers)
+    ("OMNI_JAX_CPU_BF16_WIDEN", "1", "[jnp.bfloat16]", None),
+    # the kernel compiled for AVX2 with FMA (8 lanes, 16 registers: other tile shapes), as on CPUs without AVX-512
+    ("OMNI_JAX_CPU_KERNEL_ISA", "avx2", "[jnp.float32, jnp.bfloat16]", "avx2")])
+def test_fallback_paths_in_a_fresh_process(variable, value, dtypes, isa):
+    """A path this CPU would not take by itself, forced by an environment variable in a fresh process (the kernel
+    and kernels/build.py read it once). On a CPU without AVX-512 it is the path the other tests take already."""
+    env = dict(os.environ, **{variable: value})
+    script = _FRESH_PROCESS_CHECK.format(tests=os.path.dirname(__file__), dtypes=dtypes)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"checked {len(SHAPES)}" in result.stdout
+    if isa is not None:
+        assert f"isa {isa}" in result.stdout
 
 
 @pytest.mark.parametrize("equation,x_shape,w_shape", [("btd,dnh->btnh", (2, 1, 48), (48, 4, 8)),

@@ -8,8 +8,8 @@
 // (b, kv-head) batch dims leading and copied every layer's cache into that layout at every step; a
 // multiply-reduce form instead materialised a float32 copy of the layer. The softmax between the two products
 // stays in XLA. q comes in the cache's element type. Sums are float32: bfloat16 scores use AVX512_BF16's pairwise
-// dot product (exact products, the pair's sum rounded once), or widen to float32 where the CPU lacks it; the mix
-// widens values (exactly) and multiplies by float32 probabilities.
+// dot product (exact products, the pair's sum rounded once), or widen to float32 where the CPU lacks it (or the
+// kernel is compiled for AVX2, simd.h); the mix widens values (exactly) and multiplies by float32 probabilities.
 //
 // Only slots below the scalar operand `limit` are read: the caller passes one past the last slot any row may
 // attend to, so the rest have probability exactly 0 (their scores are written as 0 and masked by the caller).
@@ -17,8 +17,8 @@
 // calling thread. With fewer rows than items wanted the slots are split into ranges, and the mix of each range is
 // a partial sum added up at the end, in range order.
 //
-// Scores: a register tile of T slots x the G query heads of one kv head accumulates 16-lane partial products
-// along d, summed once per tile (lane_sums.h); a tile's kv heads are taken in turn, so an item reads its slots'
+// Scores: a register tile of T slots x the G query heads of one kv head accumulates vector-lane partial products
+// along d, summed once per tile (simd.h); a tile's kv heads are taken in turn, so an item reads its slots'
 // [range, K, d] block in address order. Mix: slots in blocks of kMixBlock; each (kv head, column block) pass
 // keeps G x W accumulators in registers and reads its part of every slot's row, the block staying in cache
 // between passes while the next block is prefetched, a line or two per slot of a pass.
@@ -29,11 +29,12 @@
 #include <vector>
 
 #include "bf16_dot.h"
-#include "lane_sums.h"
 #include "pool_items.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+namespace simd = omni_jax::simd;
 
 namespace {
 
@@ -48,27 +49,21 @@ struct Shape {
   int64_t At(int64_t b, int64_t s, int64_t kh) const { return (((layer * B + b) * S + s) * K + kh) * d; }
 };
 
-inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
-
-inline __m512 Load16(const uint16_t* p) {  // bfloat16 bits -> float32 (exact)
-  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
 // How one chunk of d is loaded and multiplied in the scores, per cache type and CPU.
 struct FloatFma {  // float32 cache and q
   using Elem = float;
-  using Chunk = __m512;
-  static constexpr int64_t kChunk = 16;
-  OMNI_JAX_TARGET static Chunk Load(const float* p) { return Load16(p); }
-  OMNI_JAX_TARGET static __m512 Madd(__m512 acc, Chunk a, Chunk b) { return _mm512_fmadd_ps(a, b, acc); }
+  using Chunk = simd::Vec;
+  static constexpr int64_t kChunk = simd::kLanes;
+  static Chunk Load(const float* p) { return simd::Load(p); }
+  static simd::Vec Madd(simd::Vec acc, Chunk a, Chunk b) { return simd::Fmadd(a, b, acc); }
 };
 
-struct BfloatWidened : FloatFma {  // bfloat16 bits widened to float32: CPUs without AVX512_BF16
+struct BfloatWidened : FloatFma {  // bfloat16 bits widened to float32 (exactly): CPUs without AVX512_BF16
   using Elem = uint16_t;
-  OMNI_JAX_TARGET static Chunk Load(const uint16_t* p) { return Load16(p); }
+  static Chunk Load(const uint16_t* p) { return simd::Load(p); }
 };
 
+#if defined(__AVX512F__)
 struct BfloatDot {  // bfloat16 bits, AVX512_BF16: 32 elements of d per instruction
   using Elem = uint16_t;
   using Chunk = __m512bh;
@@ -76,21 +71,26 @@ struct BfloatDot {  // bfloat16 bits, AVX512_BF16: 32 elements of d per instruct
   OMNI_JAX_TARGET static Chunk Load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
   OMNI_JAX_TARGET static __m512 Madd(__m512 acc, Chunk a, Chunk b) { return _mm512_dpbf16_ps(acc, a, b); }
 };
+#endif
 
-// Slots per scores tile for G query heads per kv head: G * T accumulators (<= 24) with T cache chunks and one
-// q chunk in the 32 zmm registers.
+// Slots per scores tile for G query heads per kv head: G * T accumulators with T cache chunks and one q chunk in
+// the vector registers (AVX-512: <= 24 accumulators of 32 registers; AVX2: G * T + T + 1 <= 16).
 template <int G>
 constexpr int ScoreSlots() {
-  return G <= 2 ? 8 : G == 3 ? 7 : G == 4 ? 6 : G <= 6 ? 4 : 3;
+  if constexpr (simd::kRegisters == 32) {
+    return G <= 2 ? 8 : G == 3 ? 7 : G == 4 ? 6 : G <= 6 ? 4 : 3;
+  } else {
+    return G == 1 ? 7 : G == 2 ? 4 : G == 3 ? 3 : G <= 6 ? 2 : 1;
+  }
 }
 
 // out[g * ld + t] = qg[g, :] . rows[t * stride :][:d] for g < G, t < T (qg: the G query heads of one kv head).
 template <class Op, int G, int T>
 OMNI_JAX_TARGET void ScoreTile(const typename Op::Elem* qg, const typename Op::Elem* rows, int64_t stride,
                                int64_t d, float* out, int64_t ld) {
-  __m512 acc[G * T];
+  simd::Vec acc[G * T];
 #pragma GCC unroll 32
-  for (int i = 0; i < G * T; ++i) acc[i] = _mm512_setzero_ps();
+  for (int i = 0; i < G * T; ++i) acc[i] = simd::Zero();
   for (int64_t j = 0; j < d; j += Op::kChunk) {
     typename Op::Chunk kv[T];
 #pragma GCC unroll 8
@@ -104,7 +104,7 @@ OMNI_JAX_TARGET void ScoreTile(const typename Op::Elem* qg, const typename Op::E
     }
   }
   float sums[G * T];
-  omni_jax::StoreLaneSums<G * T>(acc, sums);
+  simd::StoreLaneSums<G * T>(acc, sums);
 #pragma GCC unroll 8
   for (int g = 0; g < G; ++g) {
 #pragma GCC unroll 8
@@ -153,11 +153,16 @@ OMNI_JAX_TARGET void ScoresRange(const void* q_data, const void* cache_data, flo
   }
 }
 
-// Columns per pass of CacheMix: W zmm per query head, G * W accumulators (<= 24) with W value chunks and one
-// broadcast probability in the 32 zmm registers.
+// Vectors of columns per pass of CacheMix: W per query head, G * W accumulators with W value chunks and one
+// broadcast probability in the vector registers (AVX-512: <= 24 accumulators of 32; AVX2: G * W + W + 1 <= 16).
+// kLanes * W divides d (a multiple of 64).
 template <int G>
 constexpr int MixWidth() {
-  return G <= 6 ? 4 : 2;
+  if constexpr (simd::kRegisters == 32) {
+    return G <= 6 ? 4 : 2;
+  } else {
+    return G <= 2 ? 4 : G <= 6 ? 2 : 1;
+  }
 }
 
 // Prefetches the lines of [next, end) a few at a time, spread over the passes of the block before them.
@@ -176,32 +181,33 @@ template <typename C, int G>
 void MixBlock(const float* pg, int64_t S, const C* rows, int64_t stride, int64_t d, int64_t s0, int64_t s1,
               float* acc, BlockPrefetch& prefetch) {
   constexpr int W = MixWidth<G>();
-  for (int64_t j0 = 0; j0 < d; j0 += 16 * W) {
-    __m512 a[G][W];
+  constexpr int64_t L = simd::kLanes;
+  for (int64_t j0 = 0; j0 < d; j0 += L * W) {
+    simd::Vec a[G][W];
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
 #pragma GCC unroll 4
-      for (int i = 0; i < W; ++i) a[g][i] = _mm512_loadu_ps(acc + g * d + j0 + 16 * i);
+      for (int i = 0; i < W; ++i) a[g][i] = simd::Load(acc + g * d + j0 + L * i);
     }
     const C* row = rows + j0;
     BlockPrefetch ahead = prefetch;  // a local copy the loop keeps in registers
     for (int64_t s = s0; s < s1; ++s, row += stride) {
       ahead.Step();
-      __m512 v[W];
+      simd::Vec v[W];
 #pragma GCC unroll 4
-      for (int i = 0; i < W; ++i) v[i] = Load16(row + 16 * i);
+      for (int i = 0; i < W; ++i) v[i] = simd::Load(row + L * i);
 #pragma GCC unroll 8
       for (int g = 0; g < G; ++g) {
-        const __m512 pv = _mm512_set1_ps(pg[g * S + s]);
+        const simd::Vec pv = simd::Set1(pg[g * S + s]);
 #pragma GCC unroll 4
-        for (int i = 0; i < W; ++i) a[g][i] = _mm512_fmadd_ps(pv, v[i], a[g][i]);
+        for (int i = 0; i < W; ++i) a[g][i] = simd::Fmadd(pv, v[i], a[g][i]);
       }
     }
     prefetch = ahead;
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
 #pragma GCC unroll 4
-      for (int i = 0; i < W; ++i) _mm512_storeu_ps(acc + g * d + j0 + 16 * i, a[g][i]);
+      for (int i = 0; i < W; ++i) simd::Store(acc + g * d + j0 + L * i, a[g][i]);
     }
   }
 }
@@ -214,7 +220,7 @@ void MixRange(const void* p_data, const void* cache_data, float* out, const Shap
   const float* p = static_cast<const float*>(p_data);
   const C* cache = static_cast<const C*>(cache_data);
   const int64_t H = sh.K * G, stride = sh.K * sh.d;
-  const int64_t steps_per_slot = sh.K * (sh.d / (16 * W));  // passes over each slot of a block
+  const int64_t steps_per_slot = sh.K * (sh.d / (simd::kLanes * W));  // passes over each slot of a block
   std::fill(out, out + H * sh.d, 0.0f);
   const float* pb = p + b * H * sh.S;
   for (int64_t block = s0; block < s1; block += kMixBlock) {
@@ -277,8 +283,10 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBu
   }
   RangeFn range;
   if (kScores) {
-    range = f32 ? ScoresFor<FloatFma>(sh.G) : omni_jax::HasBf16Dot() ? ScoresFor<BfloatDot>(sh.G)
-                                                                       : ScoresFor<BfloatWidened>(sh.G);
+    range = f32 ? ScoresFor<FloatFma>(sh.G) : ScoresFor<BfloatWidened>(sh.G);
+#if defined(__AVX512F__)
+    if (!f32 && omni_jax::HasBf16Dot()) range = ScoresFor<BfloatDot>(sh.G);
+#endif
   } else {
     range = f32 ? MixFor<float>(sh.G) : MixFor<uint16_t>(sh.G);
   }

@@ -2,8 +2,9 @@
 //
 // The weight is in the decode layout ([out, in], omni_jax.models.decode_layout): every output is a dot product of
 // two contiguous rows, x[m, :] and w[n, :]. A register tile of B weight rows x M input rows accumulates
-// 16-lane partial sums along K with no shuffles in the loop (bfloat16: AVX512_BF16's pairwise dot product, 32
-// elements of K per instruction; float32: FMA, 16), and sums the lanes once per tile. (The [in, out] layout needs
+// vector-lane partial sums along K with no shuffles in the loop (bfloat16: AVX512_BF16's pairwise dot product, 32
+// elements of K per instruction; float32: FMA, 16 with AVX-512 and 8 with AVX2, simd.h), and sums the lanes once
+// per tile. (The [in, out] layout needs
 // a broadcast of x per row and interleaving weight rows into pairs: at 8 rows that loop was bound by those
 // shuffles, 48 GB/s of weight from L2 against 88 here.)
 //
@@ -11,7 +12,8 @@
 // unused, and whose bfloat16 path reads the weight at 9-16 GB/s. Here each weight element is read once, all
 // products accumulate in float32 (the `preferred_element_type=float32` contract of omni_jax.models.layers.Einsum),
 // and the weight's rows are cut into contiguous items that XLA's intra-op thread pool and the calling thread take
-// from a shared counter. bfloat16 without AVX512_BF16 widens the weight to float32 in registers.
+// from a shared counter. bfloat16 without AVX512_BF16 (or compiled for AVX2) widens the weight to float32 in
+// registers.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -20,11 +22,12 @@
 #include <vector>
 
 #include "bf16_dot.h"
-#include "lane_sums.h"
 #include "pool_items.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+namespace simd = omni_jax::simd;
 
 // Every function below may inline the bfloat16 dot product, so all carry its target (bf16_dot.h); only BfloatDot
 // emits it, and only on CPUs that have it (omni_jax::HasBf16Dot).
@@ -34,15 +37,21 @@ namespace {
 constexpr int64_t kMaxRows = 8;
 constexpr int64_t kItemsPerThread = 4;  // items per pool thread (load balance; each item is a contiguous region)
 
-// Weight rows per register tile for M input rows: B * M accumulators (at most 24 of the 32 zmm registers, the
-// rest hold weight chunks and one x chunk). A single row reads 8 weight rows at a time: from DRAM 8-15% faster
-// than 16 (more streams than the prefetchers follow well) and as fast as 6 or 12.
+// Weight rows per register tile for M input rows: B * M accumulators, the other registers hold weight chunks and
+// one x chunk. AVX-512 (32 registers): at most 24 accumulators; a single row reads 8 weight rows at a time, from
+// DRAM 8-15% faster than 16 (more streams than the prefetchers follow well) and as fast as 6 or 12. AVX2 (16):
+// B * M + B + 1 <= 16, a single row's chunks each used once (x from memory).
 template <int M>
 constexpr int TileRows() {
-  return M <= 3 ? 8 : M == 4 ? 6 : M <= 6 ? 4 : 3;
+  if constexpr (simd::kRegisters == 32) {
+    return M <= 3 ? 8 : M == 4 ? 6 : M <= 6 ? 4 : 3;
+  } else {
+    return M == 1 ? 8 : M == 2 ? 4 : M == 3 ? 3 : M <= 6 ? 2 : 1;
+  }
 }
 
 // How one chunk of K is loaded and multiplied, per dtype path.
+#if defined(__AVX512F__)
 struct BfloatDot {  // bfloat16 weight and input, AVX512_BF16: 32 elements of K per instruction
   using Weight = uint16_t;
   using Input = uint16_t;
@@ -56,30 +65,24 @@ struct BfloatDot {  // bfloat16 weight and input, AVX512_BF16: 32 elements of K 
   OMNI_JAX_TARGET static Chunk LoadInput(const Input* p, int64_t n) { return LoadWeight(p, n); }
   OMNI_JAX_TARGET static __m512 Madd(__m512 acc, Chunk w, Chunk x) { return _mm512_dpbf16_ps(acc, w, x); }
 };
+#endif
 
 struct FloatFma {  // float32 weight and input
   using Weight = float;
   using Input = float;
-  using Chunk = __m512;
-  static constexpr int64_t kChunk = 16;
-  OMNI_JAX_TARGET static Chunk LoadWeight(const Weight* p) { return _mm512_loadu_ps(p); }
-  OMNI_JAX_TARGET static Chunk LoadWeight(const Weight* p, int64_t n) {
-    return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p);
-  }
-  OMNI_JAX_TARGET static Chunk LoadInput(const Input* p) { return LoadWeight(p); }
-  OMNI_JAX_TARGET static Chunk LoadInput(const Input* p, int64_t n) { return LoadWeight(p, n); }
-  OMNI_JAX_TARGET static __m512 Madd(__m512 acc, Chunk w, Chunk x) { return _mm512_fmadd_ps(w, x, acc); }
+  using Chunk = simd::Vec;
+  static constexpr int64_t kChunk = simd::kLanes;
+  static Chunk LoadWeight(const Weight* p) { return simd::Load(p); }
+  static Chunk LoadWeight(const Weight* p, int64_t n) { return simd::LoadTail(p, n); }
+  static Chunk LoadInput(const Input* p) { return simd::Load(p); }
+  static Chunk LoadInput(const Input* p, int64_t n) { return simd::LoadTail(p, n); }
+  static simd::Vec Madd(simd::Vec acc, Chunk w, Chunk x) { return simd::Fmadd(w, x, acc); }
 };
 
 struct BfloatWidened : FloatFma {  // bfloat16 weight widened in registers (no AVX512_BF16); x widened beforehand
   using Weight = uint16_t;
-  OMNI_JAX_TARGET static __m512 Widen(__m256i half) {  // bfloat16 -> float32: the high 16 bits
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-  }
-  OMNI_JAX_TARGET static Chunk LoadWeight(const Weight* p) { return Widen(_mm256_loadu_si256((const __m256i*)p)); }
-  OMNI_JAX_TARGET static Chunk LoadWeight(const Weight* p, int64_t n) {
-    return Widen(_mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p));
-  }
+  static Chunk LoadWeight(const Weight* p) { return simd::Load(p); }
+  static Chunk LoadWeight(const Weight* p, int64_t n) { return simd::LoadTail(p, n); }
 };
 
 // yt[j * M + m] = x[m, :] . w[j, :] for the B weight rows at w (row stride K). `next`, if set, is the next tile's
@@ -89,16 +92,20 @@ template <class Op, int M, int B>
 OMNI_JAX_TARGET void DotTile(const typename Op::Input* x, const typename Op::Weight* w, int64_t K, float* yt,
                              const typename Op::Weight* next) {
   constexpr int64_t C = Op::kChunk;
-  __m512 acc[B * M];
+  // one prefetch a cache line (AVX2's bfloat16 chunk is 16 bytes; a prefetch per chunk: 28 GB/s against 35, K = 896)
+  constexpr int64_t kChunksPerLine = std::max<int64_t>(1, 64 / (C * int64_t(sizeof(typename Op::Weight))));
+  simd::Vec acc[B * M];
 #pragma GCC unroll 32
-  for (int t = 0; t < B * M; ++t) acc[t] = _mm512_setzero_ps();
+  for (int t = 0; t < B * M; ++t) acc[t] = simd::Zero();
   int64_t k = 0;
   for (; k + C <= K; k += C) {
     typename Op::Chunk wv[B];
 #pragma GCC unroll 16
     for (int j = 0; j < B; ++j) {
       wv[j] = Op::LoadWeight(w + j * K + k);
-      if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + j * K + k), _MM_HINT_T0);
+      if (next != nullptr && (k / C) % kChunksPerLine == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(next + j * K + k), _MM_HINT_T0);
+      }
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
@@ -119,7 +126,7 @@ OMNI_JAX_TARGET void DotTile(const typename Op::Input* x, const typename Op::Wei
       for (int j = 0; j < B; ++j) acc[j * M + m] = Op::Madd(acc[j * M + m], wv[j], xv);
     }
   }
-  omni_jax::StoreLaneSums<B * M>(acc, yt);
+  simd::StoreLaneSums<B * M>(acc, yt);
 }
 
 // yt[n * M + m] = x[m, :] . w[n, :] for the `rows` weight rows at w: whole tiles, then single rows.
@@ -127,9 +134,12 @@ template <class Op, int M>
 OMNI_JAX_TARGET void DotRows(const typename Op::Input* x, const typename Op::Weight* w, int64_t K, int64_t rows,
                              float* yt) {
   constexpr int64_t B = TileRows<M>();
+  // The next tile's prefetch: every build for several rows, AVX2 also for one (on Zen 3, tiles of 8 short rows,
+  // K = 896, read at 2/3 of the memory rate without it; with AVX-512 the hardware prefetchers kept up).
+  constexpr bool kPrefetch = M > 1 || simd::kRegisters == 16;
   int64_t n = 0;
   for (; n + B <= rows; n += B) {
-    const typename Op::Weight* next = M > 1 && n + 2 * B <= rows ? w + (n + B) * K : nullptr;
+    const typename Op::Weight* next = kPrefetch && n + 2 * B <= rows ? w + (n + B) * K : nullptr;
     DotTile<Op, M, B>(x, w + n * K, K, yt + n * M, next);
   }
   for (; n < rows; ++n) DotTile<Op, M, 1>(x, w + n * K, K, yt + n * M, nullptr);
@@ -211,9 +221,11 @@ ffi::Error SmallBatchMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
   if (!bf16) {
     Run<FloatFma>(pool, static_cast<const float*>(x.untyped_data()), static_cast<const float*>(w.untyped_data()),
                   out, M, K, N);
+#if defined(__AVX512F__)
   } else if (omni_jax::HasBf16Dot()) {
     Run<BfloatDot>(pool, static_cast<const uint16_t*>(x.untyped_data()),
                    static_cast<const uint16_t*>(w.untyped_data()), out, M, K, N);
+#endif
   } else {  // x widened once here; the weight is widened in registers as it streams
     std::vector<float> widened(M * K);
     const uint16_t* xs = static_cast<const uint16_t*>(x.untyped_data());

@@ -4,14 +4,14 @@ The weight comes in the decode layout ([out..., in...], `omni_jax.models.decode_
 the dot product of two contiguous rows. XLA:CPU runs decode-step projections well below this machine's memory
 bandwidth: bfloat16 weights are read at 9-19 GB/s (PyTorch's oneDNN: ~40), and float32 products of 2-8 rows at
 ~30 GB/s. `small_batch_matmul.cc` streams each weight element once and accumulates in float32, split over XLA's
-intra-op thread pool. bfloat16 runs on AVX512_BF16's pairwise dot product where the CPU has it (checked at run
-time; bfloat16 denormals then count as zero), else it is widened in registers (docs/performance.md has the
-measurements).
+intra-op thread pool. It is compiled for AVX-512 where the CPU has it, else for AVX2 with FMA (`build.cpu_isa`).
+bfloat16 runs on AVX512_BF16's pairwise dot product where the CPU has it (checked at run time; bfloat16 denormals
+then count as zero), else it is widened in registers (docs/performance.md has the measurements).
 
 The kernel is compiled with the machine's C++ compiler on first use (about 2 s) into a per-user cache and
 registered as an XLA FFI target. It is used only where it applies (`use_kernel`): the CPU backend, no
 multi-device mesh, x and w of one dtype (float32 or bfloat16), a canonical equation, and 1-8 rows.
-`OMNI_JAX_CPU_MATMUL_KERNEL=0` turns it off; without a compiler or AVX-512 everything runs through `jnp.einsum`.
+`OMNI_JAX_CPU_MATMUL_KERNEL=0` turns it off; without a compiler or AVX2 everything runs through `jnp.einsum`.
 """
 from __future__ import annotations
 
