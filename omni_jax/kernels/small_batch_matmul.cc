@@ -85,6 +85,10 @@ struct BfloatWidened : FloatFma {  // bfloat16 weight widened in registers (no A
   static Chunk LoadWeight(const Weight* p, int64_t n) { return simd::LoadTail(p, n); }
 };
 
+// Where the next tile's lines are prefetched to: L1 in AVX-512 builds (into L2 cost 8-row tiles 20% on Zen 4), L2
+// in AVX2 builds (one row 4-29% faster than into L1 on Zen 3, 8 rows the same; A/B in one process, 6 shapes).
+constexpr auto kNextTileHint = simd::kRegisters == 32 ? _MM_HINT_T0 : _MM_HINT_T1;
+
 // yt[j * M + m] = x[m, :] . w[j, :] for the B weight rows at w (row stride K). `next`, if set, is the next tile's
 // first weight row: its lines are prefetched at the pace this tile reads its own (the hardware prefetchers alone
 // leave 8-row tiles ~20% short of the memory rate: they run few streams, with long compute between lines).
@@ -104,7 +108,7 @@ OMNI_JAX_TARGET void DotTile(const typename Op::Input* x, const typename Op::Wei
     for (int j = 0; j < B; ++j) {
       wv[j] = Op::LoadWeight(w + j * K + k);
       if (next != nullptr && (k / C) % kChunksPerLine == 0) {
-        _mm_prefetch(reinterpret_cast<const char*>(next + j * K + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(next + j * K + k), kNextTileHint);
       }
     }
 #pragma GCC unroll 8
