@@ -4,9 +4,8 @@
 // two contiguous rows, x[m, :] and w[n, :]. A register tile of B weight rows x M input rows accumulates
 // vector-lane partial sums along K with no shuffles in the loop (bfloat16: AVX512_BF16's pairwise dot product, 32
 // elements of K per instruction; float32: FMA, 16 with AVX-512 and 8 with AVX2, simd.h), and sums the lanes once
-// per tile. (The [in, out] layout needs
-// a broadcast of x per row and interleaving weight rows into pairs: at 8 rows that loop was bound by those
-// shuffles, 48 GB/s of weight from L2 against 88 here.)
+// per tile. (The [in, out] layout needs a broadcast of x per row and interleaving weight rows into pairs: at 8 rows
+// that loop was bound by those shuffles, 48 GB/s of weight from L2 against 88 here.)
 //
 // XLA:CPU runs these products through a GEMM library whose small-M kernels leave this machine's memory bandwidth
 // unused, and whose bfloat16 path reads the weight at 9-16 GB/s. Here each weight element is read once, all
@@ -40,7 +39,8 @@ constexpr int64_t kItemsPerThread = 4;  // items per pool thread (load balance; 
 // Weight rows per register tile for M input rows: B * M accumulators, the other registers hold weight chunks and
 // one x chunk. AVX-512 (32 registers): at most 24 accumulators; a single row reads 8 weight rows at a time, from
 // DRAM 8-15% faster than 16 (more streams than the prefetchers follow well) and as fast as 6 or 12. AVX2 (16):
-// B * M + B + 1 <= 16, a single row's chunks each used once (x from memory).
+// B * M + B + 1 <= 16, except for a single row, whose weight chunks are each used once and need not stay in a
+// register (8 rows: as fast as 6, ahead of 4 and 2 on Zen 3).
 template <int M>
 constexpr int TileRows() {
   if constexpr (simd::kRegisters == 32) {
