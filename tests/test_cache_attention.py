@@ -5,21 +5,18 @@ caches (slot ranges, chunks and blocks with tails), left padding, empty slots, a
 layer index; slots past the last one any row attends to are not read."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kernel_paths
 from omni_jax.kernels import build, cache_attention
 from omni_jax.models import attention as attn
 from omni_jax.models.attention import AttentionMask
 from omni_jax.models.kv_cache import KVCache, to_storage
 
-pytestmark = pytest.mark.skipif(not build.cpu_has_features(), reason="CPU without AVX-512 or AVX2 with FMA")
+pytestmark = pytest.mark.skipif(not build.cpu_has_features(), reason=kernel_paths.SKIP_WITHOUT_KERNELS)
 
 
 def _inputs(dtype, batch, heads, kv_heads, head_dim, slots=45, layers=3, written=38):
@@ -59,12 +56,16 @@ def _check_against_dense(dtype, batch, heads, kv_heads, head_dim, slots, written
             assert np.all(np.asarray(got, np.float32)[-1] == 0)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("batch,heads,kv_heads,head_dim,slots,written", [
+# (batch, heads, kv_heads, head_dim, slots, written)
+SHAPES = [
     (3, 12, 4, 128, 45, 38), (2, 14, 2, 64, 45, 38), (1, 28, 4, 128, 45, 38), (3, 4, 4, 64, 45, 38),
     (1, 12, 4, 128, 300, 261), (4, 28, 4, 128, 200, 157),  # long: several ranges / chunks / blocks, with tails
     (2, 4, 2, 64, 45, 38), (2, 16, 4, 64, 45, 38), (3, 10, 2, 64, 70, 66), (2, 12, 2, 64, 45, 38),
-    (2, 16, 2, 128, 45, 38)])  # 2, 4, 5, 6 and 8 query heads per kv head: every tile shape of both builds
+    (2, 16, 2, 128, 45, 38)]  # 2, 4, 5, 6 and 8 query heads per kv head: every tile shape of both builds
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("batch,heads,kv_heads,head_dim,slots,written", SHAPES)
 def test_kernel_equals_sliced_dense_attention(dtype, batch, heads, kv_heads, head_dim, slots, written):
     _check_against_dense(dtype, batch, heads, kv_heads, head_dim, slots, written)
 
@@ -77,28 +78,16 @@ from omni_jax.kernels import build
 import test_cache_attention as t
 print("isa", build.cpu_isa())
 for dtype in {dtypes}:
-    for shape in [(3, 12, 4, 128, 45, 38), (1, 28, 4, 128, 300, 261), (2, 4, 2, 64, 45, 38), (2, 16, 4, 64, 45, 38),
-                  (3, 10, 2, 64, 70, 66), (2, 12, 2, 64, 45, 38), (2, 16, 2, 128, 45, 38), (3, 4, 4, 64, 45, 38)]:
+    for shape in t.SHAPES:
         t._check_against_dense(dtype, *shape)
 print("checked")
 """
 
 
-@pytest.mark.parametrize("variable,value,dtypes,isa", [
-    # the bfloat16 scores' path for CPUs without AVX512_BF16 (widened to float32 in registers)
-    ("OMNI_JAX_CPU_BF16_WIDEN", "1", "[jnp.bfloat16]", None),
-    # the kernels compiled for AVX2 with FMA (8 lanes, 16 registers: other tile shapes), as on CPUs without AVX-512
-    ("OMNI_JAX_CPU_KERNEL_ISA", "avx2", "[jnp.float32, jnp.bfloat16]", "avx2")])
-def test_fallback_paths_in_a_fresh_process(variable, value, dtypes, isa):
-    """A path this CPU would not take by itself, forced by an environment variable in a fresh process (the kernel
-    and kernels/build.py read it once). On a CPU without AVX-512 it is the path the other tests take already."""
-    env = dict(os.environ, **{variable: value})
-    script = _FRESH_PROCESS_CHECK.format(tests=os.path.dirname(__file__), dtypes=dtypes)
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "checked" in result.stdout
-    if isa is not None:
-        assert f"isa {isa}" in result.stdout
+@kernel_paths.FORCED_PATHS
+def test_forced_paths_in_a_fresh_process(variable, value, dtypes, isa):
+    """The widened bfloat16 scores and the AVX2 build (kernel_paths), checked against dense attention."""
+    assert "checked" in kernel_paths.run_forced(_FRESH_PROCESS_CHECK, variable, value, dtypes, isa)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -4,10 +4,7 @@ only where it applies, and is what decode steps run."""
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -17,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kernel_paths
 from omni_jax.kernels import small_batch_matmul
 from omni_jax.models import decode_layout
 from omni_jax.models.layers import Einsum
@@ -24,7 +22,7 @@ from omni_jax.models.layers import Einsum
 # The kernel needs AVX-512 or AVX2 with FMA (checked in /proc/cpuinfo); CI machines of this project have one or the
 # other (AVX-512 with AVX512_BF16, or AVX2 only). Elsewhere the model runs through jnp.einsum and these tests have
 # nothing to check.
-pytestmark = pytest.mark.skipif(not small_batch_matmul._cpu_has_features(), reason="CPU without AVX-512 or AVX2 with FMA")
+pytestmark = pytest.mark.skipif(not small_batch_matmul._cpu_has_features(), reason=kernel_paths.SKIP_WITHOUT_KERNELS)
 
 # Layer outputs: both sides sum the same float32 products (bf16 x bf16 products are exact in f32) over K <= 64
 # terms in different orders: a few float32 ulp of the output's scale.
@@ -107,21 +105,10 @@ print("checked", len(SHAPES))
 """
 
 
-@pytest.mark.parametrize("variable,value,dtypes,isa", [
-    # the path for CPUs without AVX512_BF16 (the weight widened to float32 in registers)
-    ("OMNI_JAX_CPU_BF16_WIDEN", "1", "[jnp.bfloat16]", None),
-    # the kernel compiled for AVX2 with FMA (8 lanes, 16 registers: other tile shapes), as on CPUs without AVX-512
-    ("OMNI_JAX_CPU_KERNEL_ISA", "avx2", "[jnp.float32, jnp.bfloat16]", "avx2")])
-def test_fallback_paths_in_a_fresh_process(variable, value, dtypes, isa):
-    """A path this CPU would not take by itself, forced by an environment variable in a fresh process (the kernel
-    and kernels/build.py read it once). On a CPU without AVX-512 it is the path the other tests take already."""
-    env = dict(os.environ, **{variable: value})
-    script = _FRESH_PROCESS_CHECK.format(tests=os.path.dirname(__file__), dtypes=dtypes)
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"checked {len(SHAPES)}" in result.stdout
-    if isa is not None:
-        assert f"isa {isa}" in result.stdout
+@kernel_paths.FORCED_PATHS
+def test_forced_paths_in_a_fresh_process(variable, value, dtypes, isa):
+    """The widened bfloat16 weight and the AVX2 build (kernel_paths), checked against float64 on every shape."""
+    assert f"checked {len(SHAPES)}" in kernel_paths.run_forced(_FRESH_PROCESS_CHECK, variable, value, dtypes, isa)
 
 
 @pytest.mark.parametrize("equation,x_shape,w_shape", [("btd,dnh->btnh", (2, 1, 48), (48, 4, 8)),
