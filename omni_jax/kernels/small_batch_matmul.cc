@@ -85,10 +85,6 @@ struct BfloatWidened : FloatFma {  // bfloat16 weight widened in registers (no A
   static Chunk LoadWeight(const Weight* p, int64_t n) { return simd::LoadTail(p, n); }
 };
 
-// Where the next tile's lines are prefetched to: L1 in AVX-512 builds (into L2 cost 8-row tiles 20% on Zen 4), L2
-// in AVX2 builds (one row 4-29% faster than into L1 on Zen 3, 8 rows the same; A/B in one process, 6 shapes).
-constexpr auto kNextTileHint = simd::kRegisters == 32 ? _MM_HINT_T0 : _MM_HINT_T1;
-
 // yt[j * M + m] = x[m, :] . w[j, :] for the B weight rows at w (row stride K). `next`, if set, is the next tile's
 // first weight row: its lines are prefetched at the pace this tile reads its own (the hardware prefetchers alone
 // leave 8-row tiles ~20% short of the memory rate: they run few streams, with long compute between lines).
@@ -96,7 +92,7 @@ template <class Op, int M, int B>
 OMNI_JAX_TARGET void DotTile(const typename Op::Input* x, const typename Op::Weight* w, int64_t K, float* yt,
                              const typename Op::Weight* next) {
   constexpr int64_t C = Op::kChunk;
-  // one prefetch a cache line (AVX2's bfloat16 chunk is 16 bytes; a prefetch per chunk: 28 GB/s against 35, K = 896)
+  // one prefetch a cache line (AVX2's bfloat16 chunk is 16 bytes: a quarter of the prefetches, at the same speed)
   constexpr int64_t kChunksPerLine = std::max<int64_t>(1, 64 / (C * int64_t(sizeof(typename Op::Weight))));
   simd::Vec acc[B * M];
 #pragma GCC unroll 32
@@ -108,7 +104,7 @@ OMNI_JAX_TARGET void DotTile(const typename Op::Input* x, const typename Op::Wei
     for (int j = 0; j < B; ++j) {
       wv[j] = Op::LoadWeight(w + j * K + k);
       if (next != nullptr && (k / C) % kChunksPerLine == 0) {
-        _mm_prefetch(reinterpret_cast<const char*>(next + j * K + k), kNextTileHint);
+        _mm_prefetch(reinterpret_cast<const char*>(next + j * K + k), _MM_HINT_T0);
       }
     }
 #pragma GCC unroll 8
@@ -138,12 +134,9 @@ template <class Op, int M>
 OMNI_JAX_TARGET void DotRows(const typename Op::Input* x, const typename Op::Weight* w, int64_t K, int64_t rows,
                              float* yt) {
   constexpr int64_t B = TileRows<M>();
-  // The next tile's prefetch: every build for several rows, AVX2 also for one (on Zen 3, tiles of 8 short rows,
-  // K = 896, read at 2/3 of the memory rate without it; with AVX-512 the hardware prefetchers kept up).
-  constexpr bool kPrefetch = M > 1 || simd::kRegisters == 16;
   int64_t n = 0;
-  for (; n + B <= rows; n += B) {
-    const typename Op::Weight* next = kPrefetch && n + 2 * B <= rows ? w + (n + B) * K : nullptr;
+  for (; n + B <= rows; n += B) {  // a single row's streams the hardware prefetchers follow alone
+    const typename Op::Weight* next = M > 1 && n + 2 * B <= rows ? w + (n + B) * K : nullptr;
     DotTile<Op, M, B>(x, w + n * K, K, yt + n * M, next);
   }
   for (; n < rows; ++n) DotTile<Op, M, 1>(x, w + n * K, K, yt + n * M, nullptr);
