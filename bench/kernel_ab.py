@@ -5,7 +5,7 @@
     python bench/kernel_ab.py a.cc a.cc --rows 1               # a control: the same source twice reads ~1.00
 
 Each source is a full `small_batch_matmul.cc` (it may include the package's headers) compiled like the package's
-(`omni_jax.kernels.build`, for --isa or the widest instruction set the CPU has) and registered under its own FFI
+(`omni_jax.kernels.build`, for the instruction set `build.cpu_isa()` picks) and registered under its own FFI
 name. Timing is fair between variants:
 - Each call reads a weight copy that was not read in the calls just before it. The copies of a shape together hold
   at least 4x the last-level cache, so every call streams its weight from DRAM. (Timing the variants one after
@@ -18,7 +18,6 @@ compare variants within one run, not across runs.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import shutil
@@ -49,8 +48,8 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 << 20)
 
 
-def register(sources: list[Path], isa: str | None) -> list:
-    """One jitted call per source: each compiled beside a copy of the package's headers, registered under its own
+def register(sources: list[Path]) -> list:
+    """One jitted call per source: each built by `build.load` beside a copy of the package's headers, under its own
     FFI target name."""
     calls = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,9 +60,9 @@ def register(sources: list[Path], isa: str | None) -> list:
                 shutil.copy(header, folder)
             copy = folder / "small_batch_matmul.cc"
             shutil.copy(source, copy)
-            library = ctypes.cdll.LoadLibrary(str(build.compile_source(copy, isa)))
             name = f"omni_jax_kernel_ab_{i}"
-            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(library.OmniJaxSmallBatchMatmul), platform="cpu")
+            if not build.load(copy, {name: "OmniJaxSmallBatchMatmul"}, "OMNI_JAX_CPU_MATMUL_KERNEL"):
+                raise SystemExit(f"{source}: could not be built (see the warning above)")
             calls.append(jax.jit(lambda x, w, name=name: jax.ffi.ffi_call(
                 name, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)))
     return calls
@@ -100,14 +99,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--rows", default="1,8", help="comma-separated row counts (1-8)")
     parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--isa", choices=tuple(build.ISAS), help="instruction set (default: the widest here)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
-    isa = args.isa or build.cpu_isa()
+    isa = build.cpu_isa()  # OMNI_JAX_CPU_KERNEL_ISA=avx2 measures the AVX2 build on an AVX-512 machine
     if isa is None:
         raise SystemExit("this CPU has none of the kernels' instruction sets (AVX-512, AVX2 with FMA)")
     sources = [PACKAGE_SOURCE, *args.sources]
-    calls = register(sources, isa)
+    calls = register(sources)
     print(f"{isa} build, {args.dtype}, last-level cache {last_level_cache_bytes() >> 20} MiB, medians of "
           f"{args.rounds} rounds; GB/s of weight (ratio to the first)")
     print("variants: " + ", ".join(f"[{i}] {s}" for i, s in enumerate(sources)))

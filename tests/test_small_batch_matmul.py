@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 import kernel_paths
-from omni_jax.kernels import small_batch_matmul
+from omni_jax.kernels import build, small_batch_matmul
 from omni_jax.models import decode_layout
 from omni_jax.models.layers import Einsum
 
 # The kernel needs AVX-512 or AVX2 with FMA (checked in /proc/cpuinfo); CI machines of this project have one or the
 # other (AVX-512 with AVX512_BF16, or AVX2 only). Elsewhere the model runs through jnp.einsum and these tests have
 # nothing to check.
-pytestmark = pytest.mark.skipif(not small_batch_matmul._cpu_has_features(), reason=kernel_paths.SKIP_WITHOUT_KERNELS)
+pytestmark = pytest.mark.skipif(not build.cpu_has_features(), reason=kernel_paths.SKIP_WITHOUT_KERNELS)
 
 # Layer outputs: both sides sum the same float32 products (bf16 x bf16 products are exact in f32) over K <= 64
 # terms in different orders: a few float32 ulp of the output's scale.

@@ -29,7 +29,6 @@ _SOURCE = Path(__file__).with_name("small_batch_matmul.cc")
 _TARGET = "omni_jax_small_batch_matmul"
 MAX_ROWS = 8
 ENV_SWITCH = "OMNI_JAX_CPU_MATMUL_KERNEL"
-_cpu_has_features = build.cpu_has_features
 
 
 @functools.lru_cache(maxsize=None)
