@@ -279,7 +279,8 @@ class Trainer:
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, (jnp.float32(0),) * 4), batch)
         return grads, sums
 
-    def _train_step(self, state: TrainState, batch):
+    def _loss_and_grads(self, params, batch):
+        """(loss, thinker loss, talker loss, tokens, talker tokens, gradients) of one step's global batch."""
         # Gradient of thinker_sum / T + w * talker_sum / T_talker (T: loss tokens of the whole step): the sum of
         # the k microbatches' gradients of (thinker_sum + (w T / T_talker) talker_sum) / T.
         denom = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
@@ -288,11 +289,14 @@ class Trainer:
             talker_denom = jnp.maximum(batch["talker_loss_mask"].astype(jnp.float32).sum(), 1.0)
             talker_scale = self.talker_loss_weight * denom / talker_denom
         with rules_context():
-            grads, (loss_sum, tokens, talker_sum, talker_tokens) = self._grads(state.params, batch, talker_scale,
-                                                                               denom)
+            grads, (loss_sum, tokens, talker_sum, talker_tokens) = self._grads(params, batch, talker_scale, denom)
         thinker_loss = loss_sum / jnp.maximum(tokens, 1.0)
         talker_loss = talker_sum / jnp.maximum(talker_tokens, 1.0)
         loss = thinker_loss + self.talker_loss_weight * talker_loss
+        return loss, thinker_loss, talker_loss, tokens, talker_tokens, grads
+
+    def _train_step(self, state: TrainState, batch):
+        loss, thinker_loss, talker_loss, tokens, talker_tokens, grads = self._loss_and_grads(state.params, batch)
         grad_norm = optax.tree.norm(grads)
         # every gradient is finite iff their global norm is (a norm that overflows float32, > 1.8e19, counts
         # as non-finite too); the optimizer leaves its state untouched when apply is False
@@ -330,6 +334,28 @@ class Trainer:
             self._steps[key] = fn
         with jax.set_mesh(self.mesh):
             return fn(state, batch)
+
+    def gradients(self, params, batch):
+        """(gradients, loss) of one step on a global batch, without an update: what the optimizer of `step`
+        receives (float32, summed over the k microbatches, placed like params). For checks of accumulation and
+        sharding, where the gradient is the well-conditioned quantity to compare."""
+        from train.batches import batch_shardings
+
+        key = ("gradients", jax.tree_util.tree_structure(batch))
+        fn = self._evals.get(key)
+        if fn is None:
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+
+            def grads_and_loss(params, batch):
+                loss, *_, grads = self._loss_and_grads(params, batch)
+                return grads, loss
+
+            fn = jax.jit(grads_and_loss,
+                         in_shardings=(self.param_shardings, batch_shardings(batch, self.mesh)),
+                         out_shardings=(self.param_shardings, replicated))
+            self._evals[key] = fn
+        with jax.set_mesh(self.mesh):
+            return fn(params, batch)
 
     # ------------------------------------------------------------------ eval loss
     def _eval_step(self, params, batch):
