@@ -15,6 +15,7 @@ import numpy as np
 
 from omni_jax import generation
 from omni_jax.config import OmniConfig, RuntimeOptions
+from omni_jax.kernels import target
 from omni_jax.layer_layout import match_layer_layout
 from omni_jax.models import decode_layout
 from omni_jax.models.kv_cache import KVCache
@@ -56,7 +57,9 @@ class OmniModel:
     def __init__(self, config: OmniConfig, params: Mapping[str, Any], options: RuntimeOptions | None = None,
                  mesh: jax.sharding.Mesh | None = None, tokenizer=None, speakers: Mapping[str, Voice] | None = None):
         self.config = config
-        self.options = options or RuntimeOptions()
+        options = options or RuntimeOptions()
+        # the program's target, resolved once: "auto" is the platform of the mesh's devices (or the first device's)
+        self.options = options.replace(platform=target.resolve_platform(options, mesh))
         self.mesh = mesh
         self.tokenizer = tokenizer
         self.thinker = Thinker(config.thinker, self.options)
@@ -69,7 +72,7 @@ class OmniModel:
             thinker_params = jax.device_put(thinker_params, shardings)
         else:
             thinker_params = jax.device_put(thinker_params)
-            if decode_layout.applies():  # the LM's projections as the CPU decode kernel reads them
+            if decode_layout.applies(self.options.platform):  # the LM's projections as the CPU decode kernel reads them
                 thinker_params = decode_layout.to_decode_layout(
                     thinker_params, decode_layout.projection_equations(self._init_thinker_abstract),
                     prefixes=(("decoder",), ("lm_head",)))
@@ -240,11 +243,12 @@ class OmniModel:
             apply = partial(self._thinker_forward, last_logits_only=True)
             self._generate_fns[fn_key] = generation.make_generate_fns(
                 apply, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad, vocab_size=text_cfg.vocab_size,
-                use_penalty=use_penalty, keep_hidden=return_audio)
+                use_penalty=use_penalty, keep_hidden=return_audio, platform=self.options.platform)
         prefill_fn, decode_fn = self._generate_fns[fn_key]
         self._note_shape(fn_key, batch_size, bucket, inputs)
         cache = KVCache.init(text_cfg.num_hidden_layers, batch_size, bucket + max_new_tokens,
-                             text_cfg.num_key_value_heads, text_cfg.head_dim, jnp.dtype(self.options.dtype))
+                             text_cfg.num_key_value_heads, text_cfg.head_dim, jnp.dtype(self.options.dtype),
+                             platform=self.options.platform)
         ids, mask, positions, first_pos = self._shard_batch(inputs.input_ids, inputs.attention_mask,
                                                             inputs.positions, inputs.next_positions)
         steps = max_new_tokens if chunk_steps is None else chunk_steps
@@ -348,7 +352,8 @@ class OmniModel:
         use_penalty = bool(np.any(np.asarray(sampling.repetition_penalty) != 1.0))
         prefill_fn, decode_fn = self.speech.talker_fns(max_codes, eos_ids, use_penalty)
         cache = KVCache.init(cfg_t.num_hidden_layers, batch_size, prompt_len + 2 + max_codes,
-                             cfg_t.num_key_value_heads, cfg_t.head_dim, jnp.dtype(self.options.dtype))
+                             cfg_t.num_key_value_heads, cfg_t.head_dim, jnp.dtype(self.options.dtype),
+                             platform=self.options.platform)
         talker_state = prefill_fn(self.speech.talker_params, job, cache, jax.random.key(seed + 1), sampling)
         steps = max_codes if on_codes is None else chunk_steps
         while True:

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Mapping, Optional
 import yaml
 
 from omni_jax._config_base import HFConfig, apply_overrides, parse_overrides  # noqa: F401 (re-exported)
+from omni_jax.kernels.target import PLATFORMS
 
 __all__ = [
     "TextConfig", "AudioEncoderConfig", "VisionEncoderConfig", "ThinkerConfig", "TalkerConfig",
@@ -483,6 +484,11 @@ class RuntimeOptions:
     with separate weight arrays (params `.../layers_0/...`, `layers_1`, ...: serving; small-batch decode reads
     separate arrays ~1.8x faster on XLA:CPU, docs/performance.md). Checkpoints always hold the stacked layout;
     `omni_jax.layer_layout.match_layer_layout` converts between the two. The encoders and the DiT are scanned.
+
+    platform: the platform the program is compiled for, which picks every kernel and path
+    (`omni_jax.kernels.target`). "auto" is the platform of the mesh's devices (of the first device without a
+    mesh), resolved once by the entry points (`OmniModel`, `SpeechModel`, `train.step.Trainer`); "cpu", "gpu" or
+    "tpu" names it (e.g. "tpu" for an ahead-of-time TPU compile on a CPU host).
     """
 
     dtype: str = "float32"  # compute dtype
@@ -490,10 +496,12 @@ class RuntimeOptions:
     attention_backend: str = "xla"  # xla (CPU/default) | cudnn (GPU) | pallas (TPU splash/flash)
     remat_policy: str = "none"  # see REMAT_POLICIES
     scan_layers: bool = True
+    platform: str = "auto"  # auto | cpu | gpu | tpu (see above)
 
     def __post_init__(self):
         for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
-                              ("attention_backend", ATTENTION_BACKENDS), ("remat_policy", tuple(REMAT_POLICIES))):
+                              ("attention_backend", ATTENTION_BACKENDS), ("remat_policy", tuple(REMAT_POLICIES)),
+                              ("platform", PLATFORMS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"RuntimeOptions.{name} = {value!r}; expected one of {list(allowed)}")

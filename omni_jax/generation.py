@@ -81,8 +81,10 @@ def prefill(apply_fn, params, input_ids, attention_mask, positions, first_positi
     return record_token(state, out.logits[:, -1], eos_ids, pad_id), (out if keep_hidden else None)
 
 
-def decode_steps(apply_fn, params, state: DecodeState, num_steps: int, eos_ids, pad_id: int) -> DecodeState:
-    """Run up to `num_steps` cached decode steps on device, stopping early when every row is done."""
+def decode_steps(apply_fn, params, state: DecodeState, num_steps: int, eos_ids, pad_id: int,
+                 platform: str = "auto") -> DecodeState:
+    """Run up to `num_steps` cached decode steps on device, stopping early when every row is done; `platform` is
+    the program's target (omni_jax.kernels.target)."""
     limit = jnp.minimum(state.step + num_steps, state.tokens.shape[1])
 
     def cond(s: DecodeState):
@@ -94,7 +96,7 @@ def decode_steps(apply_fn, params, state: DecodeState, num_steps: int, eos_ids, 
         out = apply_fn(params, ids, positions, jnp.ones_like(ids), s.cache, None)
         hidden = s.hidden
         if hidden is not None:  # the hidden state of the token just fed (token number `step`)
-            hidden = write_cache_slots(hidden, out.hidden_states[:, -1:], (0, s.step - 1, 0))
+            hidden = write_cache_slots(hidden, out.hidden_states[:, -1:], (0, s.step - 1, 0), platform)
         s = s.replace(cache=out.cache, position=s.position + 1, hidden=hidden)
         return record_token(s, out.logits[:, -1], eos_ids, pad_id)
 
@@ -102,8 +104,9 @@ def decode_steps(apply_fn, params, state: DecodeState, num_steps: int, eos_ids, 
 
 
 def make_generate_fns(apply_fn, *, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, vocab_size: int,
-                      use_penalty: bool = False, keep_hidden: bool = False):
-    """Jitted (prefill, decode_steps) closures for fixed generation settings; caches/states are donated."""
+                      use_penalty: bool = False, keep_hidden: bool = False, platform: str = "auto"):
+    """Jitted (prefill, decode_steps) closures for fixed generation settings, for a program on `platform`;
+    caches/states are donated."""
     eos = jnp.asarray(list(eos_ids), jnp.int32)
     static = dict(max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad_id, vocab_size=vocab_size,
                   use_penalty=use_penalty, keep_hidden=keep_hidden)
@@ -116,6 +119,6 @@ def make_generate_fns(apply_fn, *, max_new_tokens: int, eos_ids: Sequence[int], 
 
     @partial(jax.jit, static_argnums=(2,), donate_argnums=(1,))
     def decode_fn(params, state, num_steps):
-        return decode_steps(apply_fn, params, state, num_steps, eos, pad_id)
+        return decode_steps(apply_fn, params, state, num_steps, eos, pad_id, platform)
 
     return prefill_fn, decode_fn

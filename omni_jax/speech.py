@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from omni_jax.generation import DecodeState, record_token
+from omni_jax.kernels import target
 from omni_jax.models import decode_layout
 from omni_jax.models.kv_cache import KVCache
 from omni_jax.models.layers import take_rows
@@ -67,8 +68,9 @@ def build_talker_inputs(embed_fn, codec_embed_fn, prompt_ids, prompt_embeds, pro
 
 
 def talker_decode(apply_fn, codec_embed_fn, params, state: DecodeState, reply: jax.Array, num_steps: int,
-                  eos_ids, pad_id: int, suppress_tokens: Sequence[int]) -> DecodeState:
-    """Up to `num_steps` talker steps on device: input = codec_embed(last code) + reply[step - 1]."""
+                  eos_ids, pad_id: int, suppress_tokens: Sequence[int], platform: str = "auto") -> DecodeState:
+    """Up to `num_steps` talker steps on device: input = codec_embed(last code) + reply[step - 1]; `platform` is
+    the program's target (omni_jax.kernels.target)."""
     limit = jnp.minimum(state.step + num_steps, state.tokens.shape[1])
 
     def cond(s):
@@ -77,7 +79,7 @@ def talker_decode(apply_fn, codec_embed_fn, params, state: DecodeState, reply: j
     def body(s):
         # take_rows, not a slice of the loop-invariant bf16 reply: XLA:CPU would hoist a float32 copy of it out of
         # the loop. Its index clip keeps the last element once the reply is used up.
-        element = take_rows(reply, (s.step - 1)[None], axis=1)  # [B, 1, E]
+        element = take_rows(reply, (s.step - 1)[None], axis=1, platform=platform)  # [B, 1, E]
         embeds = codec_embed_fn(params, s.last_token[:, None]) + element  # [B, 1, E]
         positions = jnp.broadcast_to(s.position[None, :, None], (3, embeds.shape[0], 1))
         out = apply_fn(params, embeds, positions, jnp.ones(embeds.shape[:2], jnp.int32), s.cache)
@@ -100,8 +102,8 @@ class TalkerJob:
 
 
 def make_talker_fns(apply_fn, codec_embed_fn, *, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int,
-                    vocab_size: int, suppress_tokens: Sequence[int]):
-    """Jitted (prefill, decode) for the talker; the cache and state are donated."""
+                    vocab_size: int, suppress_tokens: Sequence[int], platform: str = "auto"):
+    """Jitted (prefill, decode) for the talker in a program for `platform`; the cache and state are donated."""
     eos = jnp.asarray(list(eos_ids), jnp.int32)
 
     @partial(jax.jit, donate_argnums=(2,))
@@ -119,7 +121,7 @@ def make_talker_fns(apply_fn, codec_embed_fn, *, max_new_tokens: int, eos_ids: S
     @partial(jax.jit, static_argnums=(3,), donate_argnums=(1,))
     def decode_fn(params, state, reply, num_steps):
         return talker_decode(apply_fn, codec_embed_fn, params, state, reply, num_steps, eos, pad_id,
-                             suppress_tokens)
+                             suppress_tokens, platform)
 
     return prefill_fn, decode_fn
 
@@ -200,9 +202,12 @@ class SpeechModel:
 
         self.config = config
         self.speakers = dict(speakers)
+        # the program's target, resolved once ("auto": the first device's platform; OmniModel passes it resolved)
+        self.options = options = options.replace(platform=target.resolve_platform(options))
         self.talker = Talker(config.talker, options)
         # Token2Wav runs in float32, as the reference does.
-        self.dit = DiT(config.token2wav.dit, RuntimeOptions(attention_backend=options.attention_backend))
+        self.dit = DiT(config.token2wav.dit, RuntimeOptions(attention_backend=options.attention_backend,
+                                                            platform=options.platform))
         self.bigvgan = BigVGAN(config.token2wav.bigvgan)
         # Held in options.param_dtype (e.g. bfloat16 for serving: half the bytes each decode step reads).
         talker_dtype = jnp.dtype(options.param_dtype)
@@ -211,7 +216,7 @@ class SpeechModel:
         self.talker_params = jax.tree_util.tree_map(
             lambda x: jnp.asarray(x, talker_dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x,
             talker_params)
-        if decode_layout.applies():  # the talker's projections as the CPU decode kernel reads them
+        if decode_layout.applies(options.platform):  # the talker's projections as the CPU decode kernel reads them
             self.talker_params = decode_layout.to_decode_layout(
                 self.talker_params, decode_layout.projection_equations(lambda: init_talker(self.talker,
                                                                                            jax.random.key(0))))
@@ -239,7 +244,8 @@ class SpeechModel:
             self._talker_fns[key] = make_talker_fns(
                 self.talker_apply, params_embed, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                 pad_id=cfg.tts_codec_pad_token_id, vocab_size=cfg.vocab_size,
-                suppress_tokens=talker_suppressed_tokens(cfg, self.config.token2wav.dit.num_embeds, eos_ids))
+                suppress_tokens=talker_suppressed_tokens(cfg, self.config.token2wav.dit.num_embeds, eos_ids),
+                platform=self.options.platform)
         return self._talker_fns[key]
 
     # ------------------------------------------------------------------ token2wav

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from omni_jax.kernels.target import resolve_platform
 from omni_jax.models.linear_cross_entropy import linear_cross_entropy
 from omni_jax.models.talker import Talker, init_talker
 from omni_jax.models.thinker import Thinker, init_thinker
@@ -191,6 +192,10 @@ class Trainer:
     def __init__(self, thinker: Thinker, optimizer: optax.GradientTransformation, mesh: Mesh,
                  max_loss_tokens: int = 0, talker: Optional[Talker] = None, talker_loss_weight: float = 1.0,
                  talker_thinker_grad: bool = False, loss_chunk: int = 0):
+        # the program's target, resolved once from the mesh's devices (omni_jax.kernels.target)
+        platform = resolve_platform(thinker.options, mesh)
+        thinker = thinker.clone(options=thinker.options.replace(platform=platform))
+        talker = None if talker is None else talker.clone(options=talker.options.replace(platform=platform))
         self.thinker = thinker
         self.loss_chunk = int(loss_chunk)  # > 0: fused chunked lm_head + cross-entropy (see _head_loss)
         self.talker = talker

@@ -9,9 +9,10 @@ bfloat16 runs on AVX512_BF16's pairwise dot product where the CPU has it (checke
 then count as zero), else it is widened in registers (docs/performance.md has the measurements).
 
 The kernel is compiled with the machine's C++ compiler on first use (about 2 s) into a per-user cache and
-registered as an XLA FFI target. It is used only where it applies (`use_kernel`): the CPU backend, no
-multi-device mesh, x and w of one dtype (float32 or bfloat16), a canonical equation, and 1-8 rows.
-`OMNI_JAX_CPU_MATMUL_KERNEL=0` turns it off; without a compiler or AVX2 everything runs through `jnp.einsum`.
+registered as an XLA FFI target. It is used only where it applies (`use_kernel`): a CPU program
+(`omni_jax.kernels.target.cpu_paths`), no multi-device mesh, x and w of one dtype (float32 or bfloat16), a
+canonical equation, and 1-8 rows. `OMNI_JAX_CPU_MATMUL_KERNEL=0` turns it off; without a compiler or AVX2
+everything runs through `jnp.einsum`.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from omni_jax.kernels import build
+from omni_jax.kernels import build, target
 
 _SOURCE = Path(__file__).with_name("small_batch_matmul.cc")
 _TARGET = "omni_jax_small_batch_matmul"
@@ -83,9 +84,10 @@ def decode_layout_equation(equation: str) -> Optional[str]:
     return f"{lhs},{rhs[split[1]:]}{rhs[:split[1]]}->{out}"
 
 
-def use_kernel(equation: str, x: jax.Array, w_t: jax.Array) -> bool:
-    """Whether `einsum(equation, x, w_t)` (w_t in the decode layout) should run on the kernel (module docstring)."""
-    if x.dtype != w_t.dtype or x.dtype not in (jnp.float32, jnp.bfloat16) or jax.default_backend() != "cpu":
+def use_kernel(equation: str, x: jax.Array, w_t: jax.Array, platform: str = "auto") -> bool:
+    """Whether `einsum(equation, x, w_t)` (w_t in the decode layout) in a program for `platform` should run on the
+    kernel (module docstring)."""
+    if x.dtype != w_t.dtype or x.dtype not in (jnp.float32, jnp.bfloat16) or not target.cpu_paths(platform):
         return False
     split = canonical_split(equation)
     if split is None:

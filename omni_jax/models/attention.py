@@ -1,7 +1,10 @@
 """The one attention entry point (backends: xla, cudnn, pallas) and the mask description all callers share.
 
-The xla backend runs dense on accelerators and for short queries; on CPU, sequences of two or more 128-token
-blocks take a blocked online-softmax path that skips fully masked tiles (`_blocked_attention`).
+Which path a backend takes follows the target platform (`platform`, see `omni_jax.kernels.target`), never the
+host. The xla backend runs dense on accelerators and for short queries; in a CPU program, sequences of two or more
+128-token blocks take a blocked online-softmax path that skips fully masked tiles (`_blocked_attention`), decode
+steps a multiply-reduce form (`_decode_attention`) or the CPU cache kernels (`cached_attention`). The pallas
+backend is the flash kernel of `omni_jax.kernels.pallas_attention` (Mosaic on TPU, interpret mode on the CPU).
 
 Every mask in the model is expressed by `AttentionMask`:
   * query t may attend key s only if q_segment_ids[b, t] == kv_segment_ids[b, s] and kv_segment_ids[b, s] != 0
@@ -21,7 +24,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from omni_jax.kernels import cache_attention
+from omni_jax.kernels import cache_attention, target
 from omni_jax.models.kv_cache import from_storage
 
 BACKENDS = ("xla", "cudnn", "pallas")
@@ -104,22 +107,22 @@ def _decode_attention(q, k, v, mask: AttentionMask, scale: float) -> jax.Array:
     return out.reshape(batch, 1, num_heads, head_dim).astype(q.dtype)
 
 
-def _use_decode(q) -> bool:
-    """The multiply-reduce path for decode steps (one query per row) on the CPU."""
-    return jax.default_backend() == "cpu" and q.shape[1] == 1
+def _use_decode(q, platform: str = "auto") -> bool:
+    """The multiply-reduce path for decode steps (one query per row) in a CPU program."""
+    return q.shape[1] == 1 and target.cpu_paths(platform)
 
 
 BLOCK = 128  # query / key block of the CPU blocked path
 
 
-def _use_blocked(q, k, mask: AttentionMask) -> bool:
-    """The blocked path on CPU for sequences of at least two query blocks (prefill, training, encoders).
+def _use_blocked(q, k, mask: AttentionMask, platform: str = "auto") -> bool:
+    """The blocked path in a CPU program for sequences of at least two query blocks (prefill, training, encoders).
 
     Dense XLA attention materialises [B, H, T, S] float32 scores and runs several elementwise passes over them;
     on CPU those passes (not the matmuls) dominate: a 512-token causal layer took 25-40 ms dense vs ~8 ms blocked
     (docs/performance.md). Decode steps (T = 1) and dense extra masks (`allowed`) stay dense."""
-    return (jax.default_backend() == "cpu" and mask.allowed is None and q.shape[1] >= 2 * BLOCK
-            and k.shape[1] >= BLOCK)
+    return (mask.allowed is None and q.shape[1] >= 2 * BLOCK and k.shape[1] >= BLOCK
+            and target.cpu_paths(platform))
 
 
 def _pad_to_block(x: jax.Array, axis: int, fill) -> jax.Array:
@@ -256,9 +259,10 @@ def _cudnn_attention(q, k, v, mask: AttentionMask, scale: float) -> jax.Array:
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, scale: float | None = None, backend: str = "xla"
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, scale: float | None = None, backend: str = "xla",
+    platform: str = "auto",
 ) -> jax.Array:
-    """Scaled dot-product attention with GQA.
+    """Scaled dot-product attention with GQA, in a program for `platform` (module docstring).
 
     q [B, T, H, d], k/v [B, S, K, d] with H % K == 0 (query head h reads kv head h // (H/K)).
     Returns [B, T, H, d] in q's dtype; softmax in float32.
@@ -267,9 +271,9 @@ def attention(
         raise ValueError(f"query heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if backend == "xla":
-        if _use_blocked(q, k, mask):
+        if _use_blocked(q, k, mask, platform):
             return _blocked_attention(q, k, v, mask, scale)
-        if _use_decode(q):
+        if _use_decode(q, platform):
             return _decode_attention(q, k, v, mask, scale)
         return _xla_attention(q, k, v, mask, scale)
     if backend == "cudnn":
@@ -278,28 +282,28 @@ def attention(
         if mask.allowed is not None:
             # Dense extra masks are not block-sparse; the xla path is the right tool for them.
             return _xla_attention(q, k, v, mask, scale)
-        from omni_jax.models.pallas_attention import pallas_attention
+        from omni_jax.kernels.pallas_attention import pallas_attention
 
         return pallas_attention(
             q, k, v,
             q_segment_ids=mask.q_segment_ids, kv_segment_ids=mask.kv_segment_ids,
             q_positions=mask.q_slots, kv_positions=mask.kv_slots,
-            causal=mask.causal, scale=scale,
+            causal=mask.causal, scale=scale, platform=platform,
         )
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
 
 
 def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer_index, cache_dtype,
-                     mask: AttentionMask, *, scale: float, backend: str = "xla") -> jax.Array:
+                     mask: AttentionMask, *, scale: float, backend: str = "xla", platform: str = "auto") -> jax.Array:
     """`attention` of q [B, T, H, d] over layer `layer_index` of stacked caches [L, B, S, K, d] (KVCache storage:
-    `storage_dtype(cache_dtype)`), keys and values read as q's dtype.
+    `storage_dtype(cache_dtype, platform)`), keys and values read as q's dtype.
 
-    Decode steps (T = 1) on the CPU run on `omni_jax.kernels.cache_attention`, which reads the layer where it lies
+    Decode steps (T = 1) in a CPU program run on `omni_jax.kernels.cache_attention`, which reads the layer where it lies
     (no per-layer copy into the dot's layout), and only up to the last slot any row attends to (the preallocated
     slots beyond it are not read); the masked softmax is `_xla_attention`'s, probabilities rounded to q's dtype
     as there. Elsewhere the layer is sliced and `attention` runs."""
     if (backend == "xla" and q.shape[1] == 1 and jnp.dtype(cache_dtype) == q.dtype
-            and cache_attention.use_kernel(q.shape[2], cache_k, cache_dtype)):
+            and cache_attention.use_kernel(q.shape[2], cache_k, cache_dtype, platform)):
         allowed = mask.dense()[:, 0, None, :]  # [B, 1, S]
         slots = jax.lax.broadcasted_iota(jnp.int32, allowed.shape, 2)
         limit = jnp.max(jnp.where(allowed, slots + 1, 0))  # one past the last slot any row attends to
@@ -308,4 +312,4 @@ def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer
         return cache_attention.mix(probs, cache_v, layer_index, limit)[:, None].astype(q.dtype)  # [B, 1, H, d]
     k = from_storage(cache_k[layer_index], cache_dtype).astype(q.dtype)  # [B, S, K, d]
     v = from_storage(cache_v[layer_index], cache_dtype).astype(q.dtype)
-    return attention(q, k, v, mask, scale=scale, backend=backend)
+    return attention(q, k, v, mask, scale=scale, backend=backend, platform=platform)

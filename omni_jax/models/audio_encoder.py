@@ -229,19 +229,21 @@ class AudioAttention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_backend: str = "xla"
+    platform: str = "auto"  # the program's target (omni_jax.kernels.target)
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: AttentionMask) -> jax.Array:
         """x [C, L, D] -> [C, L, D]."""
         D, H, d = self.d_model, self.num_heads, self.head_dim
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         q = Einsum("cld,dnh->clnh", (D, H, d), ("embed", "heads", "head_dim"), (H, d), ("heads", "head_dim"),
                    name="q_proj", **kw)(x)
         k = Einsum("cld,dnh->clnh", (D, H, d), ("embed", "heads", "head_dim"), name="k_proj", **kw)(x)
         v = Einsum("cld,dnh->clnh", (D, H, d), ("embed", "heads", "head_dim"), (H, d), ("heads", "head_dim"),
                    name="v_proj", **kw)(x)
         q, k, v = (constrain(t, (ACT_BATCH, ACT_LENGTH, "activation_heads", None)) for t in (q, k, v))
-        out = attention(q, k, v, mask, scale=d**-0.5, backend=self.attention_backend)  # [C, L, H, d]
+        out = attention(q, k, v, mask, scale=d**-0.5, backend=self.attention_backend,
+                        platform=self.platform)  # [C, L, H, d]
         return Einsum("clnh,nhd->cld", (H, d, D), ("heads", "head_dim", "embed"), (D,), ("embed",),
                       name="out_proj", **kw)(out)
 
@@ -256,6 +258,7 @@ class AudioEncoderLayer(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_backend: str = "xla"
+    platform: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: AttentionMask):
@@ -264,12 +267,14 @@ class AudioEncoderLayer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(D, 1e-5, name="self_attn_layer_norm", **kw)(x)
         h = AudioAttention(D, self.num_heads, self.head_dim, attention_backend=self.attention_backend,
-                           name="self_attn", **kw)(h, mask)
+                           platform=self.platform, name="self_attn", **kw)(h, mask)
         x = constrain(x + h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
         h = LayerNorm(D, 1e-5, name="final_layer_norm", **kw)(x)
-        h = Einsum("cld,df->clf", (D, F), ("embed", "mlp"), (F,), ("mlp",), name="fc1", **kw)(h)
+        h = Einsum("cld,df->clf", (D, F), ("embed", "mlp"), (F,), ("mlp",), name="fc1", platform=self.platform,
+                   **kw)(h)
         h = constrain(_gelu(h), (ACT_BATCH, ACT_LENGTH, "activation_mlp"))  # [C, L, F]
-        h = Einsum("clf,fd->cld", (F, D), ("mlp", "embed"), (D,), ("embed",), name="fc2", **kw)(h)
+        h = Einsum("clf,fd->cld", (F, D), ("mlp", "embed"), (D,), ("embed",), name="fc2", platform=self.platform,
+                   **kw)(h)
         x = constrain(x + h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
         return x, None
 
@@ -343,7 +348,8 @@ class AudioEncoder(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(
             d_model=D, ffn_dim=cfg.encoder_ffn_dim, num_heads=cfg.encoder_attention_heads,
-            head_dim=cfg.head_dim, attention_backend=self.options.attention_backend, name="layers", **kw,
+            head_dim=cfg.head_dim, attention_backend=self.options.attention_backend, platform=self.options.platform,
+            name="layers", **kw,
         )
         h, _ = stack(h, mask)  # [C, L, D]
 
@@ -352,7 +358,7 @@ class AudioEncoder(nn.Module):
         h = ((pairs[:, :, 0] + pairs[:, :, 1]) / 2).astype(dtype)  # [C, P, D]
         h = LayerNorm(D, 1e-5, name="ln_post", **kw)(h)
         tokens = Einsum("cpd,do->cpo", (D, cfg.output_dim), ("embed", AUDIO_OUT), (cfg.output_dim,), (AUDIO_OUT,),
-                        name="proj", **kw)(h)  # [C, P, output_dim]
+                        name="proj", platform=self.options.platform, **kw)(h)  # [C, P, output_dim]
         tokens = constrain(tokens, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
         token_mask = jnp.arange(pooled, dtype=jnp.int32)[None, :] < (valid_frames // 2)[:, None]  # [C, P]
         return tokens, token_mask

@@ -10,7 +10,7 @@ transparent huge pages (`omni_jax.kernels.huge_pages`): a streaming read of them
 step 3-4% (docs/performance.md).
 
 Training, checkpoints and the HF converter keep the standard layout; so does a sharded model (the kernel does not
-run on a multi-device mesh: `applies`).
+run on a multi-device mesh: `applies`) and a program for any platform but the CPU.
 """
 from __future__ import annotations
 
@@ -20,16 +20,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omni_jax.kernels import build, huge_pages, small_batch_matmul
+from omni_jax.kernels import build, huge_pages, small_batch_matmul, target
 from omni_jax.models.layers import Einsum
 
 Path = tuple[str, ...]
 
 
-def applies() -> bool:
-    """Whether a model loaded now should take the decode layout: the CPU backend, the kernel built, one device."""
-    return (jax.default_backend() == "cpu" and not build.multi_device_mesh()
-            and small_batch_matmul.available())
+def applies(platform: str = "auto") -> bool:
+    """Whether a model loaded now for a program on `platform` should take the decode layout: a CPU program
+    (`omni_jax.kernels.target.cpu_paths`), the kernel built, no multi-device mesh set."""
+    return target.cpu_paths(platform) and not build.multi_device_mesh() and small_batch_matmul.available()
 
 
 def projection_equations(init_fn: Callable[[], Any]) -> dict[Path, str]:

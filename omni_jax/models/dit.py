@@ -191,11 +191,12 @@ class TimestepEmbedding(nn.Module):
     hidden_size: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    platform: str = "auto"  # the program's target (omni_jax.kernels.target)
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
         D = self.hidden_size
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         h = timestep_sinusoid(t)  # [B, 256]
         h = Einsum("bf,fd->bd", (TIME_FREQ_DIM, D), (TIME_FREQ, "embed"), (D,), ("embed",), name="time_mlp_0", **kw)(h)
         h = nn.silu(h)
@@ -226,6 +227,7 @@ class InputEmbedding(nn.Module):
     config: DiTConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    platform: str = "auto"
 
     @nn.compact
     def __call__(self, x, cond, ref_mel, code_embed) -> jax.Array:
@@ -241,7 +243,7 @@ class InputEmbedding(nn.Module):
         ], axis=-1)  # [B, T, M + enc_dim + E + enc_emb_dim]
         n_in = cfg.mel_dim + cfg.enc_dim + cfg.emb_dim + cfg.enc_emb_dim
         return Einsum("bti,id->btd", (n_in, cfg.hidden_size), (DIT_INPUT, "embed"), (cfg.hidden_size,), ("embed",),
-                      name="proj", **kw)(features)
+                      name="proj", platform=self.platform, **kw)(features)
 
 
 class AdaLayerNormZero(nn.Module):
@@ -251,12 +253,14 @@ class AdaLayerNormZero(nn.Module):
     chunks: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    platform: str = "auto"
 
     @nn.compact
     def __call__(self, temb: jax.Array) -> jax.Array:
         D, C = self.hidden_size, self.chunks
         return Einsum("bd,dce->bce", (D, C, D), ("embed", CHUNK, None), (C, D), (CHUNK, None), name="linear",
-                      dtype=self.dtype, param_dtype=self.param_dtype)(nn.silu(temb)).astype(jnp.float32)
+                      dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)(
+                          nn.silu(temb)).astype(jnp.float32)
 
 
 class DiTAttention(nn.Module):
@@ -264,13 +268,14 @@ class DiTAttention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_backend: str = "xla"
+    platform: str = "auto"
 
     @nn.compact
     def __call__(self, x, cos, sin, window, key_valid) -> jax.Array:
         """x [B, T, D] -> [B, T, D]; window [2] = (look_ahead, look_back) blocks; key_valid [B, T] bool."""
         cfg = self.config
         D, H, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
 
         def project(name):
             return Einsum("btd,dnh->btnh", (D, H, d), ("embed", "heads", "head_dim"), (H, d), ("heads", "head_dim"),
@@ -288,7 +293,7 @@ class DiTAttention(nn.Module):
             allowed = block_attention_mask(length, cfg.block_size, window[0], window[1])  # [T, T]
             mask = bidirectional_mask(key_valid.astype(jnp.int32)).replace(
                 allowed=jnp.broadcast_to(allowed[None], (batch, length, length)))
-            out = attention(q, k, v, mask, scale=d ** -0.5, backend=self.attention_backend)
+            out = attention(q, k, v, mask, scale=d ** -0.5, backend=self.attention_backend, platform=self.platform)
         return Einsum("btnh,nhd->btd", (H, d, D), ("heads", "head_dim", "embed"), (D,), ("embed",), name="to_out_0",
                       **kw)(out)
 
@@ -298,11 +303,12 @@ class DiTMLP(nn.Module):
     ff_dim: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    platform: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         D, F = self.hidden_size, self.ff_dim
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         h = Einsum("btd,df->btf", (D, F), ("embed", "mlp"), (F,), ("mlp",), name="ff_0", **kw)(x)
         h = jax.nn.gelu(h.astype(jnp.float32), approximate=True).astype(self.dtype)  # torch GELU(approximate="tanh")
         h = constrain(h, (ACT_BATCH, ACT_LENGTH, "activation_mlp"))
@@ -316,12 +322,13 @@ class DiTBlock(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_backend: str = "xla"
+    platform: str = "auto"
 
     @nn.compact
     def __call__(self, x, window, temb, cos, sin, key_valid):
         cfg = self.config
         D = cfg.hidden_size
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
 
         mod = AdaLayerNormZero(D, 6, name="attn_norm", **kw)(temb)  # [B, 6, D] float32
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (mod[:, i, None, :] for i in range(6))
@@ -368,9 +375,10 @@ class DiT(nn.Module):
         codes = jnp.where(drop[:, None], 0, codes.astype(jnp.int32))
         x = constrain(x.astype(jnp.float32), (ACT_BATCH, ACT_LENGTH, None))
 
-        temb = TimestepEmbedding(cfg.hidden_size, name="time_embed", **kw)(t)  # [B, D]
+        platform = self.options.platform  # the program's target (omni_jax.kernels.target)
+        temb = TimestepEmbedding(cfg.hidden_size, name="time_embed", platform=platform, **kw)(t)  # [B, D]
         code_embed = _TextEmbed(cfg, name="text_embed", **kw)(codes)  # [B, T, E]
-        h = InputEmbedding(cfg, name="input_embed", **kw)(x, cond, ref_mel, code_embed)  # [B, T, D]
+        h = InputEmbedding(cfg, name="input_embed", platform=platform, **kw)(x, cond, ref_mel, code_embed)  # [B, T, D]
         h = constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
         cos, sin = rope_angles(length, cfg.head_dim, cfg.rope_theta)
@@ -386,13 +394,13 @@ class DiT(nn.Module):
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, attention_backend=self.options.attention_backend, name="transformer_blocks", **kw)
+        )(cfg, attention_backend=self.options.attention_backend, platform=platform, name="transformer_blocks", **kw)
         h, _ = stack(h, jnp.asarray(layer_windows(cfg)), temb, cos, sin, key_valid)
 
-        mod = AdaLayerNormZero(cfg.hidden_size, 2, name="norm_out", **kw)(temb)  # [B, 2, D]: scale, shift
+        mod = AdaLayerNormZero(cfg.hidden_size, 2, name="norm_out", platform=platform, **kw)(temb)  # [B, 2, D]
         h = _layer_norm(h) * (1 + mod[:, 0, None, :]) + mod[:, 1, None, :]
         v = Einsum("btd,dm->btm", (cfg.hidden_size, cfg.mel_dim), ("embed", MEL), (cfg.mel_dim,), (MEL,),
-                   name="proj_out", **kw)(h.astype(dtype))
+                   name="proj_out", platform=platform, **kw)(h.astype(dtype))
         return v.astype(jnp.float32)
 
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omni_jax.kernels import small_batch_matmul
+from omni_jax.kernels import small_batch_matmul, target
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -31,6 +31,9 @@ class Einsum(nn.Module):
     The weight is the param "kernel" ([in..., out...] as `kernel_shape`), or "kernel_t" where the params were
     converted to the decode layout ([out..., in...], `omni_jax.models.decode_layout`): products of a few rows on
     the CPU (decode steps) then run on `omni_jax.kernels.small_batch_matmul`.
+
+    `platform` is the target (`omni_jax.kernels.target`); the CPU kernel and the bfloat16 second-row padding
+    (`_needs_second_row`) are taken only in a CPU program.
     """
 
     equation: str
@@ -41,6 +44,7 @@ class Einsum(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Initializer = default_kernel_init
+    platform: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -50,10 +54,10 @@ class Einsum(nn.Module):
             # One [M, K] . [N, K]^T product on either path: given several output or contracted dims, XLA:CPU's GEMM
             # would take a transposed copy of the weight at every call (the attention projections in prefill).
             x2, w2, out_shape = small_batch_matmul.matrix_operands(self.equation, x, kernel_t)
-            if small_batch_matmul.use_kernel(self.equation, x, kernel_t):  # decode steps on the CPU
+            if small_batch_matmul.use_kernel(self.equation, x, kernel_t, self.platform):  # CPU decode steps
                 y = small_batch_matmul.matmul(x2, w2)
             else:
-                y = _xla_einsum("mk,nk->mn", x2, w2)
+                y = _xla_einsum("mk,nk->mn", x2, w2, self.platform)
             y = y.reshape(out_shape)
         else:
             kernel = self.param(
@@ -62,7 +66,7 @@ class Einsum(nn.Module):
                 tuple(self.kernel_shape),
                 self.param_dtype,
             )
-            y = _xla_einsum(self.equation, x, jnp.asarray(kernel, self.dtype))
+            y = _xla_einsum(self.equation, x, jnp.asarray(kernel, self.dtype), self.platform)
         if self.bias_shape is not None:
             bias = self.param(
                 "bias",
@@ -74,9 +78,9 @@ class Einsum(nn.Module):
         return y.astype(self.dtype)
 
 
-def _xla_einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """einsum_f32_accumulate, with a bfloat16 single row run as two (see _needs_second_row)."""
-    pad_row = _needs_second_row(equation, x)
+def _xla_einsum(equation: str, x: jax.Array, w: jax.Array, platform: str) -> jax.Array:
+    """einsum_f32_accumulate, with a bfloat16 single row run as two in a CPU program (see _needs_second_row)."""
+    pad_row = _needs_second_row(equation, x, platform)
     if pad_row:  # [1, ...] -> [2, ...]
         x = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
     y = einsum_f32_accumulate(equation, x, w)
@@ -130,15 +134,15 @@ def einsum_f32_accumulate(equation: str, x: jax.Array, w: jax.Array) -> jax.Arra
     return _low_precision_einsum(equation, x, w)
 
 
-def _needs_second_row(equation: str, x: jax.Array) -> bool:
-    """Whether a bfloat16 projection of a single row should run as two rows on XLA:CPU.
+def _needs_second_row(equation: str, x: jax.Array, platform: str = "auto") -> bool:
+    """Whether a bfloat16 projection of a single row should run as two rows: only in a CPU program.
 
     XLA:CPU's bfloat16 matrix-vector product ([1, D] x [D, F]) falls back to a slow path (~15x slower than
     [2, D] x [D, F], measured in docs/performance.md); one zero row makes it a matrix-matrix product at the same
     memory traffic. Applies when every non-contracted dim of x is 1 and x's leading dim leads the output too
     (batch-first equations such as "btd,df->btf"), i.e. batch-1 decode steps.
     """
-    if x.dtype != jnp.bfloat16 or jax.default_backend() != "cpu":
+    if x.dtype != jnp.bfloat16 or not target.cpu_paths(platform):
         return False
     x_dims, kernel_dims, out = _split_equation(equation)
     rows = [size for dim, size in zip(x_dims, x.shape) if dim not in kernel_dims]
@@ -168,12 +172,13 @@ class RMSNorm(nn.Module):
 
 
 class Embed(nn.Module):
-    """Token embedding table [vocab, embed]; lookup returns the compute dtype."""
+    """Token embedding table [vocab, embed]; lookup returns the compute dtype (`take_rows` for `platform`)."""
 
     num_embeddings: int
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    platform: str = "auto"
 
     @nn.compact
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -183,10 +188,10 @@ class Embed(nn.Module):
             (self.num_embeddings, self.features),
             self.param_dtype,
         )
-        return take_rows(jnp.asarray(table, self.dtype), ids)
+        return take_rows(jnp.asarray(table, self.dtype), ids, platform=self.platform)
 
 
-def take_rows(table: jax.Array, ids: jax.Array, axis: int = 0) -> jax.Array:
+def take_rows(table: jax.Array, ids: jax.Array, axis: int = 0, platform: str = "auto") -> jax.Array:
     """`jnp.take(table, ids, axis, mode="clip")`: the entries of `table` at `ids` along `axis` (embedding rows,
     [V, D] x int [...] -> [..., D]; or one step of a stream), out-of-range ids clipped.
 
@@ -194,9 +199,10 @@ def take_rows(table: jax.Array, ids: jax.Array, axis: int = 0) -> jax.Array:
     fuses into the gather (only the gathered entries are read), but inside a decode loop the conversion of a
     loop-invariant table is hoisted out of it: a float32 copy of the whole table per decode call (519 MB, ~110 ms
     for a 151936 x 896 embedding). The barrier ties the table to the ids, which vary per step, so nothing about
-    it is hoisted.
+    it is hoisted. The barrier is there in a CPU program only (`omni_jax.kernels.target.cpu_paths`).
     """
-    table, ids = jax.lax.optimization_barrier((table, ids))
+    if target.cpu_paths(platform):
+        table, ids = jax.lax.optimization_barrier((table, ids))
     # mode="clip": an out-of-range id (e.g. a pad id beyond a small test vocabulary) must not produce NaN rows,
     # which would leak through attention even where masked (0 * NaN).
     return jnp.take(table, ids, axis=axis, mode="clip")

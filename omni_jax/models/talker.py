@@ -31,7 +31,7 @@ class Talker(nn.Module):
     def setup(self):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(self.options.dtype), jnp.dtype(self.options.param_dtype)
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, platform=self.options.platform)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.embedding_size, **kw)
         self.thinker_to_talker_proj = Einsum("bte,ed->btd", (cfg.embedding_size, cfg.hidden_size),
                                              ("embed", "talker_embed"), (cfg.hidden_size,), ("talker_embed",), **kw)

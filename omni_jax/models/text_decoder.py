@@ -33,12 +33,13 @@ class SelfAttention(nn.Module):
     param_dtype: Any = jnp.float32
     attention_backend: str = "xla"
     cache_dtype: Any = None  # logical dtype of cache_k / cache_v (KVCache.dtype)
+    platform: str = "auto"  # the program's target (omni_jax.kernels.target)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask: AttentionMask, layer_index, write_index, cache_k, cache_v):
         """x [B, T, D] -> ([B, T, D], cache_k, cache_v); caches are [L, B, S, K, d] or None."""
         D, H, K, d = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         q = Einsum("btd,dnh->btnh", (D, H, d), ("embed", "heads", "head_dim"), (H, d), ("heads", "head_dim"),
                    name="q_proj", **kw)(x)
         k = Einsum("btd,dnh->btnh", (D, K, d), ("embed", "kv_heads", "head_dim"), (K, d), ("kv_heads", "head_dim"),
@@ -49,14 +50,16 @@ class SelfAttention(nn.Module):
         k = constrain(apply_rotary(k, cos, sin), (ACT_BATCH, ACT_LENGTH, "activation_kv_heads", None))  # [B, T, K, d]
         v = constrain(v, (ACT_BATCH, ACT_LENGTH, "activation_kv_heads", None))
 
-        if cache_k is not None:  # caches hold storage_dtype(cache_dtype) (the bits of 16-bit floats)
+        if cache_k is not None:  # caches hold storage_dtype(cache_dtype, platform) (on the CPU: 16-bit floats' bits)
             start = (layer_index, 0, write_index, 0, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, to_storage(k[None], self.cache_dtype), start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, to_storage(v[None], self.cache_dtype), start)
+            new_k, new_v = (to_storage(a[None], self.cache_dtype, cache_k.dtype) for a in (k, v))  # [1, B, T, K, d]
+            cache_k = jax.lax.dynamic_update_slice(cache_k, new_k, start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, new_v, start)
             out = cached_attention(q, cache_k, cache_v, layer_index, self.cache_dtype, mask, scale=d**-0.5,
-                                   backend=self.attention_backend)  # [B, T, H, d]
+                                   backend=self.attention_backend, platform=self.platform)  # [B, T, H, d]
         else:
-            out = attention(q, k, v, mask, scale=d**-0.5, backend=self.attention_backend)  # [B, T, H, d]
+            out = attention(q, k, v, mask, scale=d**-0.5, backend=self.attention_backend,
+                            platform=self.platform)  # [B, T, H, d]
         out = Einsum("btnh,nhd->btd", (H, d, D), ("heads", "head_dim", "embed"), name="o_proj", **kw)(out)
         return out, cache_k, cache_v
 
@@ -68,11 +71,12 @@ class MLP(nn.Module):
     intermediate_size: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    platform: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         D, F = self.hidden_size, self.intermediate_size
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         gate = Einsum("btd,df->btf", (D, F), ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = Einsum("btd,df->btf", (D, F), ("embed", "mlp"), name="up_proj", **kw)(x)
         act = constrain(swiglu(gate, up), (ACT_BATCH, ACT_LENGTH, "activation_mlp"))  # [B, T, F]
@@ -104,6 +108,7 @@ class DecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
     attention_backend: str = "xla"
     cache_dtype: Any = None
+    platform: str = "auto"
 
     @nn.compact
     def __call__(self, carry, layer_index, cos, sin, mask: AttentionMask, write_index):
@@ -113,11 +118,12 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(self.hidden_size, self.rms_norm_eps, name="input_layernorm", **kw)(x)
         attn_out, cache_k, cache_v = SelfAttention(
             self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
-            attention_backend=self.attention_backend, cache_dtype=self.cache_dtype, name="self_attn", **kw,
+            attention_backend=self.attention_backend, cache_dtype=self.cache_dtype, platform=self.platform,
+            name="self_attn", **kw,
         )(h, cos, sin, mask, layer_index, write_index, cache_k, cache_v)
         x = constrain(x + attn_out, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
         h = RMSNorm(self.hidden_size, self.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        x = constrain(x + MLP(self.hidden_size, self.intermediate_size, name="mlp", **kw)(h),
+        x = constrain(x + MLP(self.hidden_size, self.intermediate_size, platform=self.platform, name="mlp", **kw)(h),
                       (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
         return (x, cache_k, cache_v), None
 
@@ -142,6 +148,7 @@ class TextDecoder(nn.Module):
     attention_backend: str = "xla"
     remat_policy: str = "none"
     scan_layers: bool = True
+    platform: str = "auto"  # the program's target (omni_jax.kernels.target)
 
     @nn.compact
     def __call__(
@@ -179,7 +186,7 @@ class TextDecoder(nn.Module):
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size, num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
             dtype=self.dtype, param_dtype=self.param_dtype, attention_backend=self.attention_backend,
-            cache_dtype=None if cache is None else cache.dtype)
+            cache_dtype=None if cache is None else cache.dtype, platform=self.platform)
         carry = (x, cache_k, cache_v)
         if self.scan_layers:
             stack = nn.scan(

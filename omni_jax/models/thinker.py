@@ -64,7 +64,9 @@ class Thinker(nn.Module):
     def setup(self):
         text = self.config.text
         dtype, param_dtype = jnp.dtype(self.options.dtype), jnp.dtype(self.options.param_dtype)
-        self.embed_tokens = Embed(text.vocab_size, text.hidden_size, dtype=dtype, param_dtype=param_dtype)
+        platform = self.options.platform  # the program's target (omni_jax.kernels.target)
+        self.embed_tokens = Embed(text.vocab_size, text.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                  platform=platform)
         self.decoder = TextDecoder(
             num_layers=text.num_hidden_layers,
             hidden_size=text.hidden_size,
@@ -80,9 +82,10 @@ class Thinker(nn.Module):
             attention_backend=self.options.attention_backend,
             remat_policy=self.options.remat_policy,
             scan_layers=self.options.scan_layers,
+            platform=platform,
         )
         self.lm_head = Einsum("btd,dv->btv", (text.hidden_size, text.vocab_size), ("embed", "vocab"),
-                              dtype=dtype, param_dtype=param_dtype)
+                              dtype=dtype, param_dtype=param_dtype, platform=platform)
         self.audio_tower = AudioEncoder(self.config.audio, self.options)
         self.visual = VisionEncoder(self.config.vision, self.options)
 

@@ -220,13 +220,14 @@ class VisionAttention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_backend: str = "xla"
+    platform: str = "auto"  # the program's target (omni_jax.kernels.target)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask: AttentionMask):
         """x [1, N, C] -> [1, N, C]."""
         C, H = self.hidden_size, self.num_heads
         d = C // H
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
 
         def project(name):
             return Einsum("btc,cnh->btnh", (C, H, d), ("embed", "heads", "head_dim"), (H, d), ("heads", "head_dim"),
@@ -236,7 +237,8 @@ class VisionAttention(nn.Module):
         q = constrain(_rotate(project("q"), cos, sin), head_axes)  # [1, N, H, d]
         k = constrain(_rotate(project("k"), cos, sin), head_axes)
         v = constrain(project("v"), head_axes)
-        out = attention(q, k, v, mask, scale=d**-0.5, backend=self.attention_backend)  # [1, N, H, d]
+        out = attention(q, k, v, mask, scale=d**-0.5, backend=self.attention_backend,
+                        platform=self.platform)  # [1, N, H, d]
         return Einsum("btnh,nhc->btc", (H, d, C), ("heads", "head_dim", "embed"), (C,), ("embed",),
                       name="proj", **kw)(out)
 
@@ -249,11 +251,12 @@ class VisionMLP(nn.Module):
     hidden_act: str = "silu"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    platform: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         C, F = self.hidden_size, self.intermediate_size
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         gate = Einsum("btc,cf->btf", (C, F), ("embed", "mlp"), (F,), ("mlp",), name="gate_proj", **kw)(x)
         up = Einsum("btc,cf->btf", (C, F), ("embed", "mlp"), (F,), ("mlp",), name="up_proj", **kw)(x)
         act = constrain(_ACTIVATIONS[self.hidden_act](gate) * up, (None, ACT_LENGTH, "activation_mlp"))
@@ -270,6 +273,7 @@ class VisionBlock(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_backend: str = "xla"
+    platform: str = "auto"
 
     @nn.compact
     def __call__(self, x, full_attention, cos, sin, window_segment_ids, frame_segment_ids):
@@ -281,10 +285,11 @@ class VisionBlock(nn.Module):
 
         h = RMSNorm(self.hidden_size, 1e-6, name="norm1", **kw)(x)
         x = x + VisionAttention(self.hidden_size, self.num_heads, attention_backend=self.attention_backend,
-                                name="attn", **kw)(h, cos, sin, mask)
+                                platform=self.platform, name="attn", **kw)(h, cos, sin, mask)
         x = constrain(x, _SEQ_AXES)
         h = RMSNorm(self.hidden_size, 1e-6, name="norm2", **kw)(x)
-        x = x + VisionMLP(self.hidden_size, self.intermediate_size, self.hidden_act, name="mlp", **kw)(h)
+        x = x + VisionMLP(self.hidden_size, self.intermediate_size, self.hidden_act, platform=self.platform,
+                          name="mlp", **kw)(h)
         return constrain(x, _SEQ_AXES), None
 
 
@@ -296,6 +301,7 @@ class PatchMerger(nn.Module):
     merge_unit: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    platform: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -305,9 +311,11 @@ class PatchMerger(nn.Module):
         G = C * self.merge_unit
         x = RMSNorm(C, 1e-6, name="ln_q", **kw)(x)
         x = x.reshape(x.shape[0], x.shape[1] // self.merge_unit, G)  # [1, U, merge²·C]
-        x = Einsum("btg,gf->btf", (G, G), ("embed", "mlp"), (G,), ("mlp",), name="mlp_0", **kw)(x)
+        x = Einsum("btg,gf->btf", (G, G), ("embed", "mlp"), (G,), ("mlp",), name="mlp_0", platform=self.platform,
+                   **kw)(x)
         x = nn.gelu(x, approximate=False)
-        return Einsum("btf,fo->bto", (G, out), ("mlp", "embed"), (out,), ("embed",), name="mlp_2", **kw)(x)
+        return Einsum("btf,fo->bto", (G, out), ("mlp", "embed"), (out,), ("embed",), name="mlp_2",
+                      platform=self.platform, **kw)(x)
 
 
 class VisionEncoder(nn.Module):
@@ -339,7 +347,8 @@ class VisionEncoder(nn.Module):
                              f"{num_patches}; pad with VisionPlan.pad_pixel_values")
 
         # Patch embed: the Conv3d with kernel = stride is one matmul over the flattened (c, t, py, px) patch.
-        x = Einsum("btp,pc->btc", (patch_dim, C), (None, "embed"), name="patch_embed", **kw)(
+        x = Einsum("btp,pc->btc", (patch_dim, C), (None, "embed"), name="patch_embed", platform=self.options.platform,
+                   **kw)(
             pixel_values[None])  # [1, N, C]
         # Processor order -> window order, moving whole merged tokens (groups of merge² patches).
         x = x.reshape(num_patches // unit, unit, C)[plan.window_index].reshape(1, num_patches, C)
@@ -359,10 +368,12 @@ class VisionEncoder(nn.Module):
             length=cfg.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(hidden_size=C, intermediate_size=cfg.intermediate_size, num_heads=cfg.num_heads,
-          hidden_act=cfg.hidden_act, attention_backend=self.options.attention_backend, name="blocks", **kw)
+          hidden_act=cfg.hidden_act, attention_backend=self.options.attention_backend,
+          platform=self.options.platform, name="blocks", **kw)
         full_attention = jnp.asarray([i in tuple(cfg.fullatt_block_indexes) for i in range(cfg.depth)])  # [depth]
         x, _ = blocks(x, full_attention, cos, sin, plan.window_segment_ids.astype(jnp.int32),
                       plan.frame_segment_ids.astype(jnp.int32))
 
-        merged = PatchMerger(C, cfg.out_hidden_size, unit, name="merger", **kw)(x)[0]  # [U, out], window order
+        merged = PatchMerger(C, cfg.out_hidden_size, unit, platform=self.options.platform, name="merger",
+                             **kw)(x)[0]  # [U, out], window order
         return merged[plan.inverse_window_index]  # processor order

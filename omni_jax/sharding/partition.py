@@ -24,7 +24,8 @@ def _mesh_axes_for(logical: str | None, rules) -> tuple[str, ...]:
 def spec_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
     """PartitionSpec for an array, dropping mesh axes that do not divide the dimension (replicate instead).
 
-    E.g. 2 KV heads on a tensor axis of 4 stay replicated rather than failing; a mesh axis is used at most once.
+    E.g. 2 KV heads on a tensor axis of 4 stay replicated rather than failing; a mesh axis is used at most once,
+    and one the mesh lacks is skipped. `mesh` may be a Mesh or an AbstractMesh.
     """
     used: set[str] = set()
     spec = []
@@ -32,7 +33,7 @@ def spec_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mes
         chosen = []
         size = 1
         for axis in _mesh_axes_for(logical, rules):
-            n = mesh.shape[axis]
+            n = mesh.shape.get(axis, 1)
             if axis in used or n == 1:
                 continue
             if dim % (size * n) == 0:

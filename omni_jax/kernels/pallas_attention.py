@@ -1,4 +1,4 @@
-"""Pallas (TPU / Mosaic) flash-attention backend for ``omni_jax.models.attention``.
+"""Pallas (TPU / Mosaic) flash-attention kernel: the ``pallas`` backend of ``omni_jax.models.attention``.
 
 One entry point, :func:`pallas_attention`, with the mask form used by the whole model:
 
@@ -37,20 +37,43 @@ per-row logsumexp): one kernel for dq (grid over q blocks, loop over kv blocks) 
 (grid over kv blocks, loop over q blocks, summing the G query heads of the group in-kernel). Both use
 the same block skipping. Memory: O(B*H*T) residuals (logsumexp) besides q/k/v/o; nothing O(T*S).
 
-``interpret=None`` runs the kernels in Pallas interpret mode when the default backend is CPU (tests),
-compiled for TPU otherwise. GPU is not supported by this backend (use the ``cudnn`` backend).
+Target: ``platform`` (``omni_jax.kernels.target``) picks how the kernels run: in Pallas interpret mode (plain
+XLA ops) in a CPU program, compiled by Mosaic for TPU otherwise; ``interpret`` overrides it. GPU is not
+supported by this kernel (use the ``cudnn`` backend).
+
+Sharding: a Mosaic kernel cannot be partitioned by XLA's SPMD partitioner, so under a mesh of several devices
+(``jax.set_mesh``, read at trace time with ``jax.sharding.get_abstract_mesh()``) the whole differentiable
+function, forward and backward kernels, runs inside one ``jax.shard_map``: each device attends its own rows and
+kv-head groups. Dims are split as the logical rule table splits the activations (``omni_jax.sharding.rules``;
+the rules of ``nn.logical_axis_rules`` when set): batch by ``activation_batch`` (data, fsdp), kv heads by
+``activation_kv_heads`` (tensor), and the query heads with their kv heads so that every GQA group stays on one
+device. A mesh axis is used only where its size (times the axes already chosen for that dim) divides the dim
+(``omni_jax.sharding.spec_for``); a dim no axis divides is not split (each device then holds all of it and its
+share of the work is repeated on the devices along the unused axes; results are equal). Segment ids and
+positions split with the batch; sequence lengths are never split. The same ``shard_map`` wraps the
+interpret-mode kernels on the CPU. Without a mesh, or with one device, the kernel is called directly.
+
+Decode (one query per row, T = 1) runs this kernel with the query padded to one sublane tile; the block skipping
+keeps it to the cache slots in use. A dedicated TPU decode kernel (jax's ``ragged_paged_attention``) needs the
+KV cache in pages (a serving change of ``omni_jax.models.kv_cache``), which is not done.
 """
 from __future__ import annotations
 
 import functools
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec
+
+from omni_jax.kernels import target
+from omni_jax.sharding.partition import spec_for
+from omni_jax.sharding.rules import LOGICAL_AXIS_RULES
 
 __all__ = ["pallas_attention"]
 
@@ -98,6 +121,24 @@ def _lanes(x, n: int):
     if n < NUM_LANES:
         return x[:, :n]
     return jnp.broadcast_to(x[:, :1], (x.shape[0], n))
+
+
+def _precision(x):
+    """The precision of the kernels' products of `x`'s dtype: float32 operands take the configured default;
+    16-bit operands DEFAULT (one pass, exact products), set explicitly so that a global
+    `jax_default_matmul_precision` of "highest" (the tests set it) does not ask Mosaic for an fp32 contraction of
+    bfloat16 operands, which it rejects ("Bad lhs type")."""
+    return None if x.dtype == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _dot(a, b):
+    """a [m, k] @ b [k, n] -> [m, n] float32."""
+    return lax.dot(a, b, precision=_precision(a), preferred_element_type=jnp.float32)
+
+
+def _dot_nt(a, b):
+    """a [m, k] @ b[n, k].T -> [m, n] float32."""
+    return lax.dot_general(a, b, _NT_DIMS, precision=_precision(a), preferred_element_type=jnp.float32)
 
 
 def _block_mask(row_seg, row_pos, col_seg, col_pos, *, rows_are_q: bool, causal: bool):
@@ -216,7 +257,7 @@ def _fwd_kernel(qst_ref, kst_ref, qrng_ref, krng_ref,          # scalar prefetch
             mask = _block_mask(qseg_ref[...], qpos_ref[...], kseg_ref[...], kpos_ref[...],
                                rows_are_q=True, causal=cfg.causal)
         for g in range(cfg.groups):
-            s = lax.dot_general(q_ref[g], k, _NT_DIMS, preferred_element_type=jnp.float32)
+            s = _dot_nt(q_ref[g], k)
             s = s * cfg.scale
             if masked:
                 s = jnp.where(mask, s, MASK_VALUE)
@@ -228,7 +269,7 @@ def _fwd_kernel(qst_ref, kst_ref, qrng_ref, krng_ref,          # scalar prefetch
             alpha = jnp.exp(m_prev - m_next)
             l_sc[g] = alpha * l_sc[g] + jnp.sum(p, axis=1, keepdims=True)
             m_sc[g] = m_next
-            pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            pv = _dot(p.astype(v.dtype), v)
             acc_sc[g] = acc_sc[g] * _lanes(alpha, d) + pv
 
     @pl.when(jnp.logical_and(run, full))
@@ -324,11 +365,11 @@ def _fwd_call(q5, k4, v4, meta, cfg: _Cfg, save_lse: bool):
 
 def _bwd_tile(q, k, v, do, lse_row, di_row, mask, scale):
     """Recompute one tile: returns (p [bkv,bq] f32, dsT [bkv,bq] f32) for one query head."""
-    s = lax.dot_general(k, q, _NT_DIMS, preferred_element_type=jnp.float32) * scale
+    s = _dot_nt(k, q) * scale
     p = jnp.exp(s - lse_row)
     if mask is not None:
         p = jnp.where(mask, p, 0.0)
-    dp = lax.dot_general(v, do, _NT_DIMS, preferred_element_type=jnp.float32)
+    dp = _dot_nt(v, do)
     ds = p * (dp - di_row)
     return p, ds
 
@@ -364,8 +405,8 @@ def _dkv_kernel(qst_ref, kst_ref, qrng_ref, krng_ref,
             q = q_ref[g]
             do = do_ref[g]
             p, ds = _bwd_tile(q, k, v, do, lse_ref[g][:1, :], di_ref[g][:1, :], mask, cfg.scale)
-            dv_g = lax.dot(p.astype(do.dtype), do, preferred_element_type=jnp.float32)
-            dk_g = lax.dot(ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
+            dv_g = _dot(p.astype(do.dtype), do)
+            dk_g = _dot(ds.astype(q.dtype), q)
             dv = dv_g if dv is None else dv + dv_g
             dk = dk_g if dk is None else dk + dk_g
         dv_sc[...] += dv
@@ -412,7 +453,7 @@ def _dq_kernel(qst_ref, kst_ref, qrng_ref, krng_ref,
         for g in range(cfg.groups):
             _, ds = _bwd_tile(q_ref[g], k, v, do_ref[g], lse_ref[g][:1, :], di_ref[g][:1, :], mask,
                               cfg.scale)
-            dq_sc[g] += lax.dot(ds.T.astype(k.dtype), k, preferred_element_type=jnp.float32)
+            dq_sc[g] += _dot(ds.T.astype(k.dtype), k)
 
     @pl.when(jnp.logical_and(run, full))
     def _run_full():
@@ -547,13 +588,16 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def pallas_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
-                     causal: bool, scale: float, interpret: bool | None = None,
+                     causal: bool, scale: float, platform: str = "auto", interpret: bool | None = None,
                      block_q: int = 128, block_kv: int = 128) -> jax.Array:
     """q [B, T, H, d], k/v [B, S, K, d] with H % K == 0 (GQA: query head h uses kv head h // (H//K)).
     q_segment_ids [B, T], kv_segment_ids [B, S] int32: query t may attend key s only if the segment ids are
     equal and the kv segment id is not 0 (0 = padding / empty cache slot).
     q_positions [B, T], kv_positions [B, S] int32: with causal=True additionally require kv_pos <= q_pos.
-    Returns [B, T, H, d] in q.dtype. Rows with no allowed key return 0. Softmax in float32."""
+    Returns [B, T, H, d] in q.dtype. Rows with no allowed key return 0. Softmax in float32.
+
+    platform: the program's target (interpret mode on "cpu", Mosaic otherwise); interpret=True/False overrides
+    it. Under a multi-device mesh the kernels run in a shard_map (module docstring)."""
     batch, t, h, d = q.shape
     bk, s, kh, dk = k.shape
     if v.shape != k.shape or bk != batch or dk != d:
@@ -566,13 +610,41 @@ def pallas_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_
             raise ValueError(f"{name} has shape {arr.shape}, expected {(batch, n)}")
     if t == 0 or s == 0:
         return jnp.zeros(q.shape, q.dtype)
-
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    if not interpret and jax.default_backend() in ("gpu", "cuda", "rocm"):
-        raise NotImplementedError(
-            "the pallas attention backend is a TPU (Mosaic) kernel; use the 'cudnn' or 'xla' backend on "
-            f"{jax.default_backend()}, or interpret=True")
+        interpret = target.pallas_interpret(platform)
+    if not interpret and target.resolve_platform(platform) == "gpu":
+        raise NotImplementedError("the pallas attention backend is a TPU (Mosaic) kernel; use the 'cudnn' or "
+                                  "'xla' backend for a GPU program, or interpret=True")
+
+    local = functools.partial(_local_attention, causal=bool(causal), scale=float(scale),
+                              interpret=bool(interpret), block_q=block_q, block_kv=block_kv)
+    ids = tuple(a.astype(jnp.int32) for a in (q_segment_ids, kv_segment_ids, q_positions, kv_positions))
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual:
+        return local(q, k, v, *ids)
+    batch_axes, head_axes = shard_axes(mesh, batch, kh)
+    heads_spec = PartitionSpec(batch_axes, None, head_axes, None)  # q [B, T, H, d] and k/v [B, S, K, d]
+    ids_spec = PartitionSpec(batch_axes, None)  # segment ids and positions [B, T] / [B, S]
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(heads_spec,) * 3 + (ids_spec,) * 4,
+                            out_specs=heads_spec, check_vma=False)
+    return sharded(q, k, v, *ids)
+
+
+def shard_axes(mesh, batch: int, num_kv_heads: int):
+    """(mesh axes of the batch dim, mesh axes of the kv-head dim) for the kernel's shard_map under `mesh` (each
+    None, one axis name or a tuple): the active logical rules for "activation_batch" and "activation_kv_heads",
+    keeping only axes of the mesh whose sizes divide the dim (`omni_jax.sharding.spec_for`). The query heads take
+    the kv heads' axes: H = G * K, and splitting K n ways splits H into n whole GQA groups."""
+    rules = tuple(nn.get_logical_axis_rules()) or LOGICAL_AXIS_RULES
+    spec = spec_for((batch, num_kv_heads), ("activation_batch", "activation_kv_heads"), mesh, rules)
+    return spec[0], spec[1]
+
+
+def _local_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, causal: bool,
+                     scale: float, interpret: bool, block_q: int, block_kv: int) -> jax.Array:
+    """`pallas_attention` on one device's arrays (validated, int32 ids): pad, lay out, run the kernels."""
+    batch, t, h, d = q.shape
+    s, kh = k.shape[1], k.shape[2]
     groups = h // kh
 
     # Block sizes: a sequence shorter than the block becomes a single (full-extent) block. Compiled for
