@@ -151,6 +151,25 @@ def _cmd_train(args) -> int:
     return run(args)
 
 
+def _cmd_compile(args) -> int:
+    import os
+
+    # An AOT compile for a TPU slice needs no accelerator here: libtpu describes the slice, and jax itself runs on
+    # the CPU (so a laptop works, and on a TPU VM the chips stay free for the run that uses them). Set before jax
+    # picks its backends; libtpu's own log lines are kept off the terminal unless --verbose.
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if not args.verbose:
+        os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
+        os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
+    if "jax" in sys.modules:  # imported already (main() called in-process): backends may still be unset
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+    from omni_jax.tpu_compile.command import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni-jax", description="Qwen2.5-Omni in JAX")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -216,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/, final/")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=50")
     p.set_defaults(fn=_cmd_train)
+
+    from omni_jax.tpu_compile.command import add_arguments  # argparse only; imports no jax
+
+    p = sub.add_parser("compile", help="AOT-compile a train/prefill/decode program for a TPU slice on any host: "
+                                       "per-chip memory, fits, Mosaic kernels, collectives")
+    add_arguments(p)
+    p.set_defaults(fn=_cmd_compile)
     return parser
 
 
