@@ -34,8 +34,12 @@ demo: setup
 	$(BIN)/omni-jax generate --model $(DEMO_DIR)/toy-run/final --audio $(DEMO_DIR)/toy-questions/omni_toy-validation-1-beeps.wav --prompt "How many beeps are there? Answer with one word." --audio-out $(DEMO_DIR)/answer.wav --max-audio-tokens 200 --talker-greedy
 	$(BIN)/python bench/talker_demo_check.py --model $(DEMO_DIR)/toy-run/final --data-dir $(DEMO_DIR)/tfds --num 32
 
+# The suite in TEST_WORKERS processes (pytest-xdist), each test file whole on one worker so that its module
+# fixtures (tiny HF models, compiled programs) are built once. Most of the suite's time is single-threaded XLA
+# compiles and Python, so 2 workers on 2 cores take about half the time of one; each worker peaks at a few GB.
+TEST_WORKERS ?= 2
 test: setup-test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
