@@ -83,7 +83,7 @@ def _check(records: list[dict], root) -> dict:
 
 
 @pytest.fixture(scope="module")
-def answered(setup, tmp_path_factory):
+def in_process_run(setup, tmp_path_factory):
     """One in-process run over all requests: (its summary, its output file). The killed-and-resumed CLI run is
     compared with it."""
     model, requests, _ = setup
@@ -91,9 +91,9 @@ def answered(setup, tmp_path_factory):
     return run_eval(model, str(requests), str(out), progress=False), out
 
 
-def test_eval_answers_good_requests_and_reports_bad_ones(setup, answered):
+def test_eval_answers_good_requests_and_reports_bad_ones(setup, in_process_run):
     model, requests, root = setup
-    summary, out = answered
+    summary, out = in_process_run
     assert summary["answered"] == len(GOOD) and summary["errors"] == len(BAD) + 2 and summary["skipped"] == 0
     _check(_records(out), root)
     # Re-running skips everything already answered (and the error records): nothing is appended.
@@ -110,7 +110,7 @@ def _cli(model, requests, out, extra=()):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_killed_run_resumes_without_redoing_or_losing_records(setup, answered, tmp_path):
+def test_killed_run_resumes_without_redoing_or_losing_records(setup, in_process_run, tmp_path):
     model, requests, root = setup
     out = tmp_path / "out.jsonl"
     proc = _cli(model, requests, out)
@@ -135,7 +135,7 @@ def test_killed_run_resumes_without_redoing_or_losing_records(setup, answered, t
     assert after[: len(before)] == before  # nothing rewritten
     by_id = _check(after, root)
     # Resumed run with batches of 1 gives the same greedy answers as the batched in-process run.
-    ref_ids = {r["id"]: r["token_ids"] for r in _records(answered[1]) if r["error"] is None}
+    ref_ids = {r["id"]: r["token_ids"] for r in _records(in_process_run[1]) if r["error"] is None}
     for rid in GOOD:
         if GOOD[rid].get("temperature", 0) == 0:
             assert by_id[rid]["token_ids"] == ref_ids[rid], rid
