@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Compile every TPU preset and target shape of docs/tpu.md with `omni-jax compile` (libtpu, no TPU needed) and
+# write one JSON report each under bench/results/tpu/. Run from the repository root with the project's venv:
+#   bash bench/tpu_presets.sh [NAME ...]      # all, or only the named ones
+# Each 7B compile takes one to several minutes on a 2-core host.
+set -uo pipefail
+OUT=bench/results/tpu
+mkdir -p "$OUT"
+OMNI=${OMNI:-.venv/bin/omni-jax}
+M7=configs/models/qwen2_5_omni_7b.yaml
+declare -A RUNS=(
+  [7b_train_v6e16]="--topology v6e:4x4 --job train --train-config configs/train/qwen2_5_omni_7b_v6e16.yaml"
+  [7b_train_v6e16_seq32k]="--topology v6e:4x4 --job train --train-config configs/train/qwen2_5_omni_7b_v6e16.yaml --seq-len 32768"
+  [7b_train_v5p8]="--topology v5p:2x2x1 --job train --train-config configs/train/qwen2_5_omni_7b_v5p8.yaml"
+  [3b_train_v5e8]="--topology v5e:2x4 --job train --train-config configs/train/qwen2_5_omni_3b_v5e8.yaml"
+  [7b_prefill_v5e8]="--topology v5e:2x4 --job prefill --model-config $M7 --dtype bfloat16 --batch 8 --seq-len 8192 --max-len 8448 --mesh fsdp=2,tensor=4"
+  [7b_decode_v5e8]="--topology v5e:2x4 --job decode --model-config $M7 --dtype bfloat16 --batch 64 --seq-len 8064 --max-len 8192 --mesh fsdp=2,tensor=4"
+)
+ORDER=(7b_train_v6e16 7b_train_v6e16_seq32k 7b_train_v5p8 3b_train_v5e8 7b_prefill_v5e8 7b_decode_v5e8)
+[ $# -gt 0 ] && ORDER=("$@")
+for name in "${ORDER[@]}"; do
+  echo "== $name: omni-jax compile ${RUNS[$name]}"
+  $OMNI compile ${RUNS[$name]} --json "$OUT/$name.json"
+  echo "== $name: exit $?"
+done
