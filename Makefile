@@ -36,7 +36,7 @@ demo: setup
 
 # The suite in TEST_WORKERS processes (pytest-xdist), each test file whole on one worker so that its module
 # fixtures (tiny HF models, compiled programs) are built once. Much of the suite's time is single-threaded (XLA
-# compiles, Python), so 2 workers keep 2 cores busier: measured on a 2-core Zen 5, 20 min 50 s for the suite with
+# compiles, Python), so 2 workers keep 2 cores busier: measured on a 2-core Zen 5, 21-22 min for the suite with
 # 2 workers against 25 min 5 s in one process for the 19 fewer tests before them. Each worker peaks at ~7 GB.
 TEST_WORKERS ?= 2
 test: setup-test
