@@ -325,8 +325,9 @@ class Trainer:
             metrics.update(thinker_loss=thinker_loss, talker_loss=talker_loss, talker_tokens=talker_tokens)
         return new_state, metrics
 
-    def step(self, state: TrainState, batch: Mapping[str, Any]):
-        """One optimizer step on a global batch (train.batches.to_global). Donates `state`."""
+    def step_fn(self, batch: Mapping[str, Any]):
+        """The jitted train step for batches of `batch`'s structure (arrays or ShapeDtypeStructs): state and batch
+        shardings, the state donated, metrics replicated. Built once per structure; `omni-jax compile` lowers it."""
         from train.batches import batch_shardings
 
         key = jax.tree_util.tree_structure(batch)
@@ -337,6 +338,11 @@ class Trainer:
                          in_shardings=(self.state_shardings, batch_shardings(batch, self.mesh)),
                          out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
             self._steps[key] = fn
+        return fn
+
+    def step(self, state: TrainState, batch: Mapping[str, Any]):
+        """One optimizer step on a global batch (train.batches.to_global). Donates `state`."""
+        fn = self.step_fn(batch)
         with jax.set_mesh(self.mesh):
             return fn(state, batch)
 

@@ -15,7 +15,6 @@ Jobs:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
@@ -111,7 +110,6 @@ def train_program(config: OmniConfig, options: RuntimeOptions, mesh: Mesh, shape
     """The thinker train step (train/step.py) jitted as Trainer.step jits it: state and batch shardings, the
     state donated, metrics replicated."""
     # Lazy: the train step lives in train/, which omni_jax does not import at module level (as in omni_jax/cli.py).
-    from train.batches import batch_shardings
     from train.config import OptimSection
     from train.step import Trainer, make_optimizer, module_labels
 
@@ -124,9 +122,7 @@ def train_program(config: OmniConfig, options: RuntimeOptions, mesh: Mesh, shape
                                module_labels(abstract, settings.freeze))
     trainer = Trainer(thinker, optimizer, mesh, max_loss_tokens=settings.max_loss_tokens,
                       loss_chunk=settings.loss_chunk)
-    fn = jax.jit(trainer._train_step,
-                 in_shardings=(trainer.state_shardings, batch_shardings(batch, mesh)),
-                 out_shardings=(trainer.state_shardings, replicated(mesh)), donate_argnums=(0,))
+    fn = trainer.step_fn(batch)
     shapes = {"batch": shape.batch, "seq_len": shape.seq_len, "grad_accum": shape.grad_accum,
               "microbatch": [shape.grad_accum, shape.batch // shape.grad_accum, shape.seq_len],
               "params": _count(trainer.abstract_state.params)}
@@ -160,11 +156,8 @@ def _empty_cache(config: OmniConfig, options: RuntimeOptions, batch: int, max_le
     from omni_jax.models.kv_cache import KVCache
 
     text = config.thinker.text
-    kwargs = {}
-    if "platform" in inspect.signature(KVCache.init).parameters:
-        kwargs["platform"] = "tpu"
     return KVCache.init(text.num_hidden_layers, batch, max_len, text.num_key_value_heads, text.head_dim,
-                        jnp.dtype(options.dtype), **kwargs)
+                        jnp.dtype(options.dtype), platform=options.platform)
 
 
 def _decode_state_shardings(state, mesh: Mesh, batch: int):
@@ -191,24 +184,26 @@ def _generation_settings(config: OmniConfig) -> dict:
     return dict(eos_ids=np.asarray([eos], np.int32), pad_id=int(pad), vocab_size=thinker.text.vocab_size)
 
 
-def _prefill_state(config, options, thinker, params, shape: JobShape):
-    """jax.eval_shape of generation.prefill: the abstract DecodeState a prefill of `shape` returns."""
+def _prefill(config: OmniConfig, options: RuntimeOptions, thinker, mesh: Mesh, params, shape: JobShape):
+    """(generation.prefill of a [B, L] text prompt into a max_len cache, its abstract arguments with their
+    shardings where known, and the abstract DecodeState it returns)."""
     from omni_jax import generation
     from omni_jax.sampling import SamplingParams
 
     gen = _generation_settings(config)
-    new_tokens = shape.max_len - shape.seq_len
     b, length = shape.batch, shape.seq_len
 
-    def run(params):
-        ids = jnp.zeros((b, length), jnp.int32)
-        cache = _empty_cache(config, options, b, shape.max_len)
-        return generation.prefill(partial(_thinker_apply, thinker), params, ids, jnp.ones((b, length), jnp.int32),
-                                  jnp.zeros((3, b, length), jnp.int32), jnp.zeros((b,), jnp.int32), cache,
-                                  jax.random.key(0), SamplingParams.make(b), max_new_tokens=new_tokens,
+    def prefill(params, input_ids, attention_mask, positions, first_position, cache, key, sampling):
+        return generation.prefill(partial(_thinker_apply, thinker), params, input_ids, attention_mask, positions,
+                                  first_position, cache, key, sampling, max_new_tokens=shape.max_len - length,
                                   use_penalty=False, keep_hidden=False, **gen)[0]
 
-    return jax.eval_shape(run, params)
+    rows, positions = batch_sharding(mesh, 2, 0), batch_sharding(mesh, 3, 1)
+    args = (params, _abstract((b, length), jnp.int32, rows), _abstract((b, length), jnp.int32, rows),
+            _abstract((3, b, length), jnp.int32, positions), _abstract((b,), jnp.int32, batch_sharding(mesh, 1, 0)),
+            jax.eval_shape(lambda: _empty_cache(config, options, b, shape.max_len)),
+            jax.eval_shape(lambda: jax.random.key(0)), jax.eval_shape(lambda: SamplingParams.make(b)))
+    return prefill, args, jax.eval_shape(prefill, *args)
 
 
 def _check_serving_shape(config: OmniConfig, mesh: Mesh, shape: JobShape) -> None:
@@ -223,33 +218,16 @@ def _check_serving_shape(config: OmniConfig, mesh: Mesh, shape: JobShape) -> Non
 
 def prefill_program(config: OmniConfig, options: RuntimeOptions, mesh: Mesh, shape: JobShape) -> Program:
     """generation.prefill of a [B, L] text prompt into a KV cache of max_len slots (the cache donated)."""
-    from omni_jax import generation
-    from omni_jax.sampling import SamplingParams
-
     _check_serving_shape(config, mesh, shape)
     thinker, params, param_shardings = _serving_parts(config, options, mesh)
     b, length = shape.batch, shape.seq_len
-    cache = jax.eval_shape(lambda: _empty_cache(config, options, b, shape.max_len))
-    state = _prefill_state(config, options, thinker, params, shape)
+    prefill, args, state = _prefill(config, options, thinker, mesh, params, shape)
     state_shardings = _decode_state_shardings(state, mesh, b)
-    cache_shardings = state_shardings.cache
-    rows = batch_sharding(mesh, 2, 0)
-    sampling = jax.eval_shape(lambda: SamplingParams.make(b))
-    sampling_shardings = jax.tree_util.tree_map(lambda _: batch_sharding(mesh, 1, 0), sampling)
-    gen = _generation_settings(config)
-
-    def prefill(params, input_ids, attention_mask, positions, first_position, cache, key, sampling):
-        return generation.prefill(partial(_thinker_apply, thinker), params, input_ids, attention_mask, positions,
-                                  first_position, cache, key, sampling, max_new_tokens=shape.max_len - length,
-                                  use_penalty=False, keep_hidden=False, **gen)[0]
-
-    fn = jax.jit(prefill, in_shardings=(param_shardings, rows, rows, batch_sharding(mesh, 3, 1),
-                                        batch_sharding(mesh, 1, 0), cache_shardings, replicated(mesh),
-                                        sampling_shardings),
+    sampling_shardings = jax.tree_util.tree_map(lambda _: batch_sharding(mesh, 1, 0), args[-1])
+    fn = jax.jit(prefill, in_shardings=(param_shardings, *(a.sharding for a in args[1:5]), state_shardings.cache,
+                                        replicated(mesh), sampling_shardings),
                  out_shardings=state_shardings, donate_argnums=(5,))
-    args = (params, jax.ShapeDtypeStruct((b, length), jnp.int32), jax.ShapeDtypeStruct((b, length), jnp.int32),
-            jax.ShapeDtypeStruct((3, b, length), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32), cache,
-            jax.eval_shape(lambda: jax.random.key(0)), sampling)
+    cache = args[5]
     shapes = {"batch": b, "seq_len": length, "max_len": shape.max_len, "params": _count(params),
               "kv_cache": list(cache.k.shape)}
     return Program("prefill", fn, args, shapes, mesh)
@@ -262,7 +240,7 @@ def decode_program(config: OmniConfig, options: RuntimeOptions, mesh: Mesh, shap
 
     _check_serving_shape(config, mesh, shape)
     thinker, params, param_shardings = _serving_parts(config, options, mesh)
-    state = _prefill_state(config, options, thinker, params, shape)
+    state = _prefill(config, options, thinker, mesh, params, shape)[2]
     state_shardings = _decode_state_shardings(state, mesh, shape.batch)
     state = jax.tree_util.tree_map(lambda a, s: _abstract(a.shape, a.dtype, s), state, state_shardings)
     gen = _generation_settings(config)
