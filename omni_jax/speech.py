@@ -104,7 +104,7 @@ class TalkerJob:
 def make_talker_fns(apply_fn, codec_embed_fn, *, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int,
                     vocab_size: int, suppress_tokens: Sequence[int], platform: str = "auto"):
     """Jitted (prefill, decode) for the talker in a program for `platform`; the cache and state are donated."""
-    eos = jnp.asarray(list(eos_ids), jnp.int32)
+    eos = np.asarray(list(eos_ids), np.int32)  # numpy: a constant of the program, placed on no device
 
     @partial(jax.jit, donate_argnums=(2,))
     def prefill_fn(params, job: TalkerJob, cache: KVCache, key, sampling: SamplingParams):
@@ -173,12 +173,13 @@ def sample_masked_mel(dit_config, dit_options, params, codes, cond, ref_mel, noi
                       guidance_scale=guidance_scale, sway_coefficient=sway_coefficient, frame_mask=frame_mask)
 
 
-@partial(jax.jit, static_argnums=(0,))
-def _vocode(config, params, mel: jax.Array) -> jax.Array:
-    """BigVGAN on mel [B, mel, T]; jitted on the (hashable) config, so models with equal configs share compiles."""
+@partial(jax.jit, static_argnums=(0, 1))
+def _vocode(config, platform: str, params, mel: jax.Array) -> jax.Array:
+    """BigVGAN on mel [B, mel, T] in a program for `platform`; jitted on the (hashable) config, so models with
+    equal configs share compiles."""
     from omni_jax.models.bigvgan import BigVGAN
 
-    return BigVGAN(config).apply({"params": params}, mel)
+    return BigVGAN(config, platform=platform).apply({"params": params}, mel)
 
 
 def check_codes(codes: np.ndarray, num_embeds: int, what: str = "codec ids") -> None:
@@ -208,7 +209,7 @@ class SpeechModel:
         # Token2Wav runs in float32, as the reference does.
         self.dit = DiT(config.token2wav.dit, RuntimeOptions(attention_backend=options.attention_backend,
                                                             platform=options.platform))
-        self.bigvgan = BigVGAN(config.token2wav.bigvgan)
+        self.bigvgan = BigVGAN(config.token2wav.bigvgan, platform=options.platform)
         # Held in options.param_dtype (e.g. bfloat16 for serving: half the bytes each decode step reads).
         talker_dtype = jnp.dtype(options.param_dtype)
         wanted = jax.eval_shape(lambda: init_talker(self.talker, jax.random.key(0)))["params"]
@@ -225,7 +226,7 @@ class SpeechModel:
         self.bigvgan_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32),
                                                      t2w["code2wav_bigvgan_model"])
         self._talker_fns: dict = {}
-        self._wave_fn = partial(_vocode, config.token2wav.bigvgan)
+        self._wave_fn = partial(_vocode, config.token2wav.bigvgan, options.platform)
 
     # ------------------------------------------------------------------ talker
     def talker_apply(self, params, embeds, positions, segment_ids, cache):

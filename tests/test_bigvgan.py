@@ -24,7 +24,8 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
 from hf_models import randomize_bigvgan_
 from omni_jax.config import BigVGANConfig
 from omni_jax.models.bigvgan import (
-    ANTI_ALIAS_FILTER, AntiAliasedSnakeBeta, BigVGAN, ConvTranspose1d, hf_param_table, hf_to_params,
+    ANTI_ALIAS_FILTER, AntiAliasedSnakeBeta, BigVGAN, ConvTranspose1d, anti_aliased_snake_beta, hf_param_table,
+    hf_to_params,
     kaiser_sinc_filter, params_to_hf, sin_squared)
 
 SMALL = dict(mel_dim=80, upsample_initial_channel=128, resblock_kernel_sizes=(3, 7, 11),
@@ -86,7 +87,10 @@ def test_sin_squared_polynomial():
 
 
 
-def test_anti_aliased_snake_beta_matches_hf():
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_anti_aliased_snake_beta_matches_hf(platform):
+    """Both forms (slices + polynomial on the CPU, depthwise convolutions + sin elsewhere; the TPU form runs
+    here on the CPU devices: it has no kernel of its own) against HF."""
     channels = 6
     gen = torch.Generator().manual_seed(1)
     hf_act = Qwen2_5OmniAntiAliasedActivation1d(activation=Qwen2_5OmniSnakeBeta(channels))
@@ -94,7 +98,7 @@ def test_anti_aliased_snake_beta_matches_hf():
         hf_act.act.alpha.copy_(torch.randn(channels, generator=gen) * 0.5)
         hf_act.act.beta.copy_(torch.randn(channels, generator=gen) * 0.5)
     params = {"params": {"alpha": hf_act.act.alpha.detach().numpy(), "beta": hf_act.act.beta.detach().numpy()}}
-    module = AntiAliasedSnakeBeta(channels)
+    module = AntiAliasedSnakeBeta(channels, platform=platform)
     apply = jax.jit(module.apply)
     for length in (1, 2, 3, 37, 300):
         x = torch.randn(2, channels, length, generator=gen) * 2.0
@@ -158,12 +162,25 @@ def test_param_tree_and_hf_round_trip(hf_model, ours):
         hf_to_params(broken, config)
 
 
+def test_the_cpu_form_stays_on_the_cpu():
+    """The activation's form follows the program's target: the CPU form's optimization barrier and sin^2
+    polynomial are absent from a TPU program, whose sines are `sin` ops."""
+    x, a = jax.ShapeDtypeStruct((2, 40, 8), jnp.float32), jax.ShapeDtypeStruct((8,), jnp.float32)
+    text = {platform: jax.jit(lambda x, a, b, p=platform: anti_aliased_snake_beta(x, a, b, p)).lower(x, a, a)
+            .as_text() for platform in ("cpu", "tpu")}
+    assert "optimization_barrier" in text["cpu"] and "sine" not in text["cpu"]
+    assert "optimization_barrier" not in text["tpu"] and "sine" in text["tpu"]
+    assert "feature_group_count = 8" in text["tpu"]  # the FIRs as depthwise convolutions
+
+
 # ---------------------------------------------------------------------------------------- full model
 
 
-@pytest.mark.parametrize("frames", [7, 24, 50])
-def test_waveform_matches_hf(hf_model, ours, frames):
-    _, params, apply = ours
+@pytest.mark.parametrize("frames,platform", [(7, "cpu"), (24, "cpu"), (50, "cpu"), (24, "tpu")])
+def test_waveform_matches_hf(hf_model, ours, frames, platform):
+    module, params, apply = ours
+    if platform != "cpu":  # the TPU program's activation form (depthwise convolutions), run on the CPU devices
+        apply = jax.jit(module.clone(platform=platform).apply)
     mel = random_mel(2, frames, seed=frames)
     ref = hf_wave(hf_model, mel)
     got = np.asarray(apply(params, jnp.asarray(mel)))

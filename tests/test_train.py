@@ -47,7 +47,7 @@ def _trainer(thinker, params, mesh_shape, freeze=(), steps=10, max_loss_tokens=0
     n = int(np.prod(list(mesh_shape.values())))
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:n])
     optimizer = make_optimizer(OptimSection(learning_rate=1e-2, warmup_steps=0), steps, module_labels(params, freeze))
-    return Trainer(thinker, optimizer, mesh, max_loss_tokens=max_loss_tokens)
+    return Trainer(thinker, optimizer, mesh, max_loss_tokens=max_loss_tokens, freeze=freeze)
 
 
 def _max_diff(a, b):
@@ -124,6 +124,15 @@ def test_sharded_and_accumulated_steps_equal_single_device(model):
         np.testing.assert_allclose(losses, ref_losses, rtol=2e-6, err_msg=f"{mesh_shape} k={k}")
         np.testing.assert_allclose(float(loss), ref_losses[0], rtol=2e-6)
         assert _max_diff(got, ref) < SGD_PARAM_ATOL, (mesh_shape, k, _max_diff(got, ref))
+    # the fused chunked head loss (train.loss_chunk) on a sharded batch: strided chunks over the batch shards and
+    # a kernel gradient per shard (models/linear_cross_entropy.py) give the single-device unfused gradients
+    for mesh_shape in ({"data": 2, "fsdp": 2, "tensor": 2}, {"fsdp": 8}):
+        n = int(np.prod(list(mesh_shape.values())))
+        trainer = Trainer(thinker, optax.sgd(SGD_LR), make_mesh(mesh_shape, devices=jax.devices()[:n]),
+                          loss_chunk=64)
+        grads, loss = trainer.gradients(params, _global(batches[0], cfg, trainer))
+        assert _worst_gradient_error(jax.device_get(grads), ref_grads) < GRADIENT_RTOL, mesh_shape
+        np.testing.assert_allclose(float(loss), ref_losses[0], rtol=2e-6)
 
 
 def test_loss_at_positions_and_packing(model):
@@ -194,6 +203,41 @@ def test_freezing_and_nonfinite_skip(model):
     for name in ("embed_tokens", "decoder", "lm_head"):
         assert _max_diff(p["thinker"][name], params["thinker"][name]) == 0.0, name
     assert _max_diff(p["thinker"]["audio_tower"], params["thinker"]["audio_tower"]) > 0
+
+
+def test_frozen_encoders_are_off_the_gradient_path(model, tmp_path):
+    """freeze=(encoders): on a batch with an image, audio and a video (toy rows), the encoders get exactly zero
+    gradient, the LM the same gradient as without freezing, and the compiled gradient program does less work
+    (no backward pass through the encoders)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import multiprocess_media_worker as media_rows
+
+    from omni_jax.processing.processor import Processor
+    from omni_jax.processing.tokenizer import write_qwen_tokenizer
+
+    cfg, thinker, params = model
+    processor = Processor.from_pretrained(write_qwen_tokenizer(str(tmp_path / "tok")))
+    host = media_rows.pipeline_batch(processor, [0, 1, 2, 3])
+    assert all(host.get(k) is not None for k in ("input_features", "pixel_values", "pixel_values_videos"))
+    mesh = make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+    batch = to_global(stack_microbatches([host], cfg.thinker, media_rows.BUCKETS), mesh)
+    encoders = ("audio_tower", "visual")
+    trainers = {freeze: Trainer(thinker, optax.sgd(SGD_LR), mesh, freeze=freeze)
+                for freeze in ((), ("audio_encoder", "vision_encoder"))}
+    (free, free_loss), (frozen, frozen_loss) = (jax.device_get(t.gradients(params, batch)) for t in trainers.values())
+    for name in encoders:
+        assert _max_diff(free["thinker"][name], jax.tree_util.tree_map(np.zeros_like, free["thinker"][name])) > 0
+        assert all(not np.any(g) for g in jax.tree_util.tree_leaves(frozen["thinker"][name])), name
+    lm = lambda g: {k: v for k, v in g["thinker"].items() if k not in encoders}  # noqa: E731
+    assert float(frozen_loss) == float(free_loss)
+    assert _worst_gradient_error(lm(frozen), lm(free)) <= GRADIENT_RTOL
+
+    def flops(trainer):
+        fn = trainer._evals[("gradients", jax.tree_util.tree_structure(batch))]
+        with jax.set_mesh(mesh):
+            return fn.lower(params, batch).compile().cost_analysis()["flops"]
+
+    assert flops(trainers[("audio_encoder", "vision_encoder")]) < flops(trainers[()])
 
 
 def test_nonfinite_skip_with_any_optax_optimizer(model):

@@ -327,7 +327,7 @@ def train(cfg: TrainConfig, workdir: str) -> dict:
     labels = module_labels(abstract, cfg.train.freeze)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps, labels)
     trainer = Trainer(thinker, optimizer, mesh, max_loss_tokens=cfg.train.max_loss_tokens, talker=talker,
-                      loss_chunk=cfg.train.loss_chunk,
+                      loss_chunk=cfg.train.loss_chunk, freeze=tuple(cfg.train.freeze),
                       talker_loss_weight=cfg.train.talker_loss_weight,
                       talker_thinker_grad=cfg.train.talker_thinker_grad)
     processor, tokenizer_dir = _processor(cfg, workdir)

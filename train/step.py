@@ -191,7 +191,7 @@ class Trainer:
 
     def __init__(self, thinker: Thinker, optimizer: optax.GradientTransformation, mesh: Mesh,
                  max_loss_tokens: int = 0, talker: Optional[Talker] = None, talker_loss_weight: float = 1.0,
-                 talker_thinker_grad: bool = False, loss_chunk: int = 0):
+                 talker_thinker_grad: bool = False, loss_chunk: int = 0, freeze: Sequence[str] = ()):
         # the program's target, resolved once from the mesh's devices (omni_jax.kernels.target)
         platform = resolve_platform(thinker.options, mesh)
         thinker = thinker.clone(options=thinker.options.replace(platform=platform))
@@ -209,6 +209,10 @@ class Trainer:
             boxed["talker"] = jax.eval_shape(lambda: init_talker(talker, jax.random.key(0)))["params"]
         self.param_shardings = {name: logical_shardings(tree, mesh) for name, tree in boxed.items()}
         abstract_params = {name: nn.meta.unbox(tree) for name, tree in boxed.items()}
+        # freeze (names of train.config.FREEZABLE): those params are held off the differentiation path, so no
+        # backward pass runs through a frozen encoder and none of its activations are kept for one; their
+        # gradients are zeros (the optimizer must give them zero updates too: make_optimizer with the same labels)
+        self.frozen = jax.tree_util.tree_map(lambda label: label == "frozen", module_labels(abstract_params, freeze))
         abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
         replicated = NamedSharding(mesh, PartitionSpec())
         self.state_shardings = TrainState(
@@ -264,6 +268,7 @@ class Trainer:
         """Summed gradients of (thinker loss sum + talker_scale * talker loss sum) / denom and the four loss
         sums over the k stacked microbatches ([k, ...] leaves)."""
         def objective(p, m):
+            p = jax.tree_util.tree_map(lambda x, frozen: jax.lax.stop_gradient(x) if frozen else x, p, self.frozen)
             sums = self._micro_losses(p, m)
             # dividing the objective (not the gradients afterwards) saves a pass over every gradient
             return (sums[0] + talker_scale * sums[2]) / denom, sums

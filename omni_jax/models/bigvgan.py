@@ -70,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from omni_jax.config import BigVGANConfig
+from omni_jax.kernels import target
 from omni_jax.models.layers import constrain
 
 __all__ = [
@@ -192,8 +193,29 @@ def _snake_beta(x: Array, log_alpha: Array, log_beta: Array) -> Array:
     return x + inv_beta * sin_squared(x * alpha)
 
 
-def anti_aliased_snake_beta(x: Array, log_alpha: Array, log_beta: Array) -> Array:
-    """HF `Qwen2_5OmniAntiAliasedActivation1d(SnakeBeta)`: up x2 -> SnakeBeta -> down x2. x [B, L, C] float32."""
+def _fir_depthwise(x: Array, taps, length: int, left: int) -> Array:
+    """`_fir` as one depthwise convolution (every channel the same taps): x [B, L', C] -> [B, length, C]."""
+    first, last = min(o for o, _ in taps), max(o for o, _ in taps)
+    kernel = np.zeros((last - first + 1,), np.float32)
+    for offset, weight in taps:
+        kernel[offset - first] += weight
+    channels = x.shape[2]
+    window = jax.lax.slice_in_dim(x, left + first, left + last + length, axis=1)  # [B, length + K - 1, C]
+    return jax.lax.conv_general_dilated(
+        window, jnp.broadcast_to(jnp.asarray(kernel)[:, None, None], (len(kernel), 1, channels)),
+        window_strides=(1,), padding="VALID", dimension_numbers=("NWC", "WIO", "NWC"),
+        feature_group_count=channels, precision=jax.lax.Precision.HIGHEST)
+
+
+def anti_aliased_snake_beta(x: Array, log_alpha: Array, log_beta: Array, platform: str = "auto") -> Array:
+    """HF `Qwen2_5OmniAntiAliasedActivation1d(SnakeBeta)`: up x2 -> SnakeBeta -> down x2. x [B, L, C] float32.
+
+    Both forms compute the same polyphase sums (module docstring). On the CPU (`target.cpu_paths`): static
+    shifted slices, the sin^2 polynomial and an optimization barrier, which XLA:CPU runs fastest. Elsewhere:
+    each FIR phase one depthwise convolution and `jnp.sin`; the slice form has ~24 slices per activation (2,600
+    in the released BigVGAN), which took the TPU compiler 4 minutes for a tiny BigVGAN."""
+    if not target.cpu_paths(platform):
+        return _anti_aliased_snake_beta_conv(x, log_alpha, log_beta)
     length = x.shape[1]
     # up x2, as two phases of the upsampled signal u: even = u[2n], odd = u[2n+1]   [B, L, C] each
     lo = -min(o for phase in UP_TAPS for o, _ in phase)
@@ -212,6 +234,26 @@ def anti_aliased_snake_beta(x: Array, log_alpha: Array, log_beta: Array) -> Arra
     # materialise the activation once; fused into the 12-tap sum, XLA would recompute every sin per tap
     even, odd = jax.lax.optimization_barrier((even, odd))
     return _fir(even, DOWN_TAPS[0], length, lo) + _fir(odd, DOWN_TAPS[1], length, lo)
+
+
+def _anti_aliased_snake_beta_conv(x: Array, log_alpha: Array, log_beta: Array) -> Array:
+    """`anti_aliased_snake_beta` off the CPU: depthwise-convolution FIRs and `jnp.sin`."""
+    length = x.shape[1]
+    alpha = jnp.exp(log_alpha.astype(jnp.float32))
+    inv_beta = 1.0 / (jnp.exp(log_beta.astype(jnp.float32)) + SNAKE_EPS)
+    snake = lambda u: u + inv_beta * jnp.square(jnp.sin(u * alpha))  # noqa: E731
+    lo = -min(o for phase in UP_TAPS for o, _ in phase)
+    hi = max(o for phase in UP_TAPS for o, _ in phase)
+    x_pad = jnp.pad(x, ((0, 0), (lo, hi), (0, 0)), mode="edge")
+    even = snake(_fir_depthwise(x_pad, UP_TAPS[0], length, lo))
+    odd = snake(_fir_depthwise(x_pad, UP_TAPS[1], length, lo))
+    lo = -min(o for phase in DOWN_TAPS for o, _ in phase)
+    hi = max(o for phase in DOWN_TAPS for o, _ in phase)
+    first = jnp.broadcast_to(even[:, :1], (x.shape[0], lo, x.shape[2]))
+    last = jnp.broadcast_to(odd[:, -1:], (x.shape[0], hi, x.shape[2]))
+    even = jnp.concatenate([first, even, last], axis=1)
+    odd = jnp.concatenate([first, odd, last], axis=1)
+    return _fir_depthwise(even, DOWN_TAPS[0], length, lo) + _fir_depthwise(odd, DOWN_TAPS[1], length, lo)
 
 
 def preprocess_mel(mel: Array) -> Array:
@@ -302,13 +344,14 @@ class AntiAliasedSnakeBeta(nn.Module):
 
     channels: int
     param_dtype: Dtype = jnp.float32
+    platform: str = "auto"  # the program's target (omni_jax.kernels.target)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         init = nn.with_logical_partitioning(nn.initializers.zeros_init(), (CHANNELS,))
         alpha = self.param("alpha", init, (self.channels,), self.param_dtype)
         beta = self.param("beta", init, (self.channels,), self.param_dtype)
-        return anti_aliased_snake_beta(x.astype(jnp.float32), alpha, beta)
+        return anti_aliased_snake_beta(x.astype(jnp.float32), alpha, beta, self.platform)
 
 
 class AMPBlock(nn.Module):
@@ -320,15 +363,16 @@ class AMPBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = jax.lax.Precision.HIGHEST
+    platform: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         C, k = self.channels, self.kernel_size
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         for m, d in enumerate(self.dilations):
-            h = AntiAliasedSnakeBeta(C, self.param_dtype, name=f"activations_{2 * m}")(x)
+            h = AntiAliasedSnakeBeta(C, self.param_dtype, self.platform, name=f"activations_{2 * m}")(x)
             h = Conv1d(C, C, k, d, name=f"convs1_{m}", **kw)(h)
-            h = AntiAliasedSnakeBeta(C, self.param_dtype, name=f"activations_{2 * m + 1}")(h)
+            h = AntiAliasedSnakeBeta(C, self.param_dtype, self.platform, name=f"activations_{2 * m + 1}")(h)
             h = Conv1d(C, C, k, 1, name=f"convs2_{m}", **kw)(h)
             x = x + h
         return x
@@ -345,6 +389,7 @@ class BigVGAN(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = jax.lax.Precision.HIGHEST
+    platform: str = "auto"  # the program's target (omni_jax.kernels.target): the activation's form
 
     @nn.compact
     def __call__(self, mel: Array) -> Array:
@@ -365,10 +410,11 @@ class BigVGAN(nn.Module):
             x = constrain(x, act_axes)
             total = None
             for m, (k, dilations) in enumerate(zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)):
-                y = AMPBlock(channels, k, tuple(dilations), name=f"resblocks_{s * num_kernels + m}", **kw)(x)
+                y = AMPBlock(channels, k, tuple(dilations), platform=self.platform,
+                             name=f"resblocks_{s * num_kernels + m}", **kw)(x)
                 total = y if total is None else total + y
             x = total / num_kernels
-        x = AntiAliasedSnakeBeta(channels, self.param_dtype, name="activation_post")(x)
+        x = AntiAliasedSnakeBeta(channels, self.param_dtype, self.platform, name="activation_post")(x)
         x = Conv1d(channels, 1, 7, use_bias=False, name="conv_post", **kw)(x)  # [B, N, 1]
         return jnp.clip(x[..., 0], -1.0, 1.0)  # [B, N]
 

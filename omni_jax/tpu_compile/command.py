@@ -35,14 +35,17 @@ class Request:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:2x2, v6e:4x4, v5p:2x2x1, v4:2x2x1")
     p.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (the data axis crosses them)")
-    p.add_argument("--job", required=True, choices=("train", "prefill", "decode"))
+    p.add_argument("--job", required=True, choices=("train", "prefill", "decode", "talker-decode", "token2wav"))
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-config", help="model preset YAML, e.g. configs/models/qwen2_5_omni_7b.yaml")
     source.add_argument("--train-config", help="train YAML: model, data lengths, mesh, dtypes, remat, optimizer")
+    source.add_argument("--serve-config", help="serving preset YAML (configs/serve/): model, dtype, mesh and the "
+                                               "shapes of each serving job")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, e.g. thinker.text.num_hidden_layers=4 (repeatable)")
-    p.add_argument("--seq-len", type=int, help="train row length / prompt length (default: the train YAML's, "
-                                                "else 1024)")
+    p.add_argument("--seq-len", type=int, help="train row length / prompt length (talker-decode: the talker "
+                   "prompt; token2wav: the voice's reference mel frames, default 300) (default: the train YAML's, "
+                   "else 1024)")
     p.add_argument("--batch", type=int, help="global rows (default: the train YAML's batch_size, else 8)")
     p.add_argument("--grad-accum", type=int, help="train microbatches per step (default: the YAML's, else 1)")
     p.add_argument("--max-len", type=int, help="prefill/decode KV cache slots (default: 2 x seq-len)")
@@ -57,8 +60,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scan-layers", choices=("yes", "no"),
                    help="text decoder as one scanned layer (default: yes for train, no for prefill/decode, as "
                         "training and serving build it)")
+    p.add_argument("--media-buckets", metavar="audio_chunks=N,image_patches=N,video_patches=N",
+                   help="train: encoder inputs in every step, as the train YAML's data.media_buckets (default: the "
+                        "YAML's, else none: a text-only step)")
     p.add_argument("--hbm-gib", type=float, help="HBM per chip, for chips the tool does not know")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON here")
+
+
+MEDIA_BUCKET_KEYS = ("audio_chunks", "image_patches", "video_patches")
+
+
+def parse_media_buckets(text: str) -> dict:
+    """"audio_chunks=64,video_patches=4096" -> {"audio_chunks": 64, "video_patches": 4096}."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, size = item.partition("=")
+        if name.strip() not in MEDIA_BUCKET_KEYS or not size.strip().isdigit():
+            raise ValueError(f"--media-buckets {text!r}: expected comma-separated NAME=COUNT with NAME in "
+                             f"{', '.join(MEDIA_BUCKET_KEYS)}")
+        out[name.strip()] = int(size)
+    return out
 
 
 def _request(args) -> "Request":
@@ -66,8 +87,17 @@ def _request(args) -> "Request":
     from omni_jax.tpu_compile.programs import TrainSettings
     from omni_jax.tpu_compile.topology import parse_mesh
 
-    train_cfg = None
-    if args.train_config:
+    train_cfg = serve_cfg = None
+    serve_shape: dict = {}
+    if args.serve_config:
+        from serve.preset import ServePreset  # lazy, as the train YAML
+
+        serve_cfg = ServePreset.from_yaml(args.serve_config)
+        if args.job == "train":
+            raise ValueError("--serve-config describes serving programs; compile --job train with --train-config")
+        serve_shape = serve_cfg.shape(args.job)
+        config = apply_overrides(OmniConfig.from_yaml(serve_cfg.model_config), list(serve_cfg.overrides))
+    elif args.train_config:
         from train.config import TrainConfig  # lazy, as omni_jax/cli.py's train command
 
         train_cfg = TrainConfig.from_yaml(args.train_config)
@@ -83,11 +113,25 @@ def _request(args) -> "Request":
     def pick(flag, from_yaml, default):
         if flag is not None:
             return flag
-        return from_yaml if train_cfg is not None else default
+        return from_yaml if train_cfg is not None and from_yaml is not None else default
+
+    if serve_cfg is not None:  # the preset's values stand where a flag is not given
+        for key in ("batch", "seq_len", "max_len"):
+            if getattr(args, key) is None and key in serve_shape:
+                setattr(args, key, serve_shape[key])
+        for key, value in (("dtype", serve_cfg.dtype), ("attention_backend", serve_cfg.attention_backend),
+                           ("mesh", ",".join(f"{k}={v}" for k, v in serve_cfg.mesh.items()) or None)):
+            if getattr(args, key) is None:
+                setattr(args, key, value)
 
     model = train_cfg.model if train_cfg else None
     data = train_cfg.data if train_cfg else None
-    seq_len = pick(args.seq_len, data and data.seq_len, 1024)
+    if args.job == "token2wav" and args.seq_len is None:
+        from omni_jax.tpu_compile.programs import REF_MEL_FRAMES
+
+        seq_len = REF_MEL_FRAMES
+    else:
+        seq_len = pick(args.seq_len, data and data.seq_len, 1024)
     dtype = pick(args.dtype, model and model.dtype, "bfloat16")
     serving = args.job != "train"
     param_dtype = args.param_dtype or (dtype if serving else model.param_dtype if model else "float32")
@@ -96,10 +140,13 @@ def _request(args) -> "Request":
     if train_cfg is not None:
         train = TrainSettings(optim=train_cfg.optim, total_steps=train_cfg.train.steps,
                               max_loss_tokens=train_cfg.train.max_loss_tokens, loss_chunk=train_cfg.train.loss_chunk,
-                              freeze=tuple(train_cfg.train.freeze))
+                              freeze=tuple(train_cfg.train.freeze),
+                              media_buckets=dict(train_cfg.data.media_buckets) or None)
         if train_cfg.train.talker_loss_weight > 0 and args.job == "train":
             print("note: this run also trains the talker (train.talker_loss_weight > 0); the compiled step is the "
                   "thinker's only", file=sys.stderr)
+    if args.media_buckets:
+        train = dataclasses.replace(train, media_buckets=parse_media_buckets(args.media_buckets))
     grad_accum = 1 if serving else pick(args.grad_accum, data and data.grad_accum, 1)
     return Request(
         job=args.job, config=config, batch=pick(args.batch, data and data.batch_size, 8), seq_len=seq_len,
@@ -137,7 +184,7 @@ def run(args) -> int:
                   hbm_bytes=tpu.hbm_bytes)
     try:
         compiled = program.lower().compile()
-        result = reports.build_report(compiled, compile_s=time.perf_counter() - start, **fields)
+        result = reports.build_report(compiled, compile_s=time.perf_counter() - start, program=program, **fields)
     except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory refusal is a result
         if not reports.is_out_of_memory(e):
             raise

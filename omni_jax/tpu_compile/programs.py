@@ -11,6 +11,9 @@ Jobs:
            the first token picked.
   decode   one cached decode step of generation.py (the on-device loop, run for one step) over a max_len cache
            holding B rows.
+  talker-decode  one talker decode step of speech.py over a max_len talker cache holding B rows.
+  token2wav      one streamed Token2Wav round of streaming.py for B rows: the DiT ODE over a chunk window, then
+                 BigVGAN over a vocoder window.
 """
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from omni_jax.config import OmniConfig, RuntimeOptions
+from omni_jax.tpu_compile import roofline
 from omni_jax.sharding import batch_sharding, logical_shardings, replicated, rules_context, spec_for
 
-JOBS = ("train", "prefill", "decode")
+JOBS = ("train", "prefill", "decode", "talker-decode", "token2wav")
 
 
 class JobError(ValueError):
@@ -51,6 +55,7 @@ class TrainSettings:
     max_loss_tokens: int = 0
     loss_chunk: int = 0
     freeze: tuple = ()
+    media_buckets: Optional[dict] = None  # data.media_buckets: encoder inputs of these sizes in every step
 
 
 @dataclasses.dataclass
@@ -60,6 +65,11 @@ class Program:
     args: tuple  # ShapeDtypeStructs (shardings attached where the jit has none) and static values
     shapes: dict  # for the report: {"batch": ..., "seq_len": ..., ...}
     mesh: Mesh
+    # for the roofline (tpu_compile/roofline.py); None: not modelled for this job
+    model_flops: Optional[float] = None  # the whole step, all chips
+    tokens: int = 0  # tokens the step processes (train, prefill) or emits (decode: one per row)
+    hbm_extra_bytes: float = 0.0  # per chip, beyond arguments (+ outputs for train): gathered weight reads
+    reads_outputs: bool = False  # train: the state is read (arguments) and written (outputs)
 
     def lower(self):
         with jax.set_mesh(self.mesh):
@@ -86,23 +96,36 @@ def _abstract(shape: Sequence[int], dtype, sharding) -> jax.ShapeDtypeStruct:
 
 
 # ---------------------------------------------------------------------------------------------------- train
-def text_train_batch(mesh: Mesh, shape: JobShape) -> dict:
-    """A text-only step batch as train.batches.stack_microbatches + to_global make it, as ShapeDtypeStructs:
-    token arrays [k, B/k, L], positions [k, 3, B/k, L], no encoder inputs."""
-    from train.batches import TOKEN_KEYS, batch_shardings
+def train_batch(mesh: Mesh, shape: JobShape, thinker_config, media_buckets: Optional[dict] = None) -> dict:
+    """A step batch as train.batches.stack_microbatches + to_global make it, as ShapeDtypeStructs: token arrays
+    [k, B/k, L] and positions [k, 3, B/k, L] on the batch axis; with media_buckets ({"audio_chunks": n,
+    "image_patches": n, "video_patches": n}, the train YAML's data.media_buckets) also the encoder inputs of
+    those buckets, replicated, as every step of such a run gets them."""
+    from train.batches import TOKEN_KEYS, batch_shardings, stack_microbatches
 
     k = shape.grad_accum
     if shape.batch % k:
         raise JobError(f"batch {shape.batch} is not divisible by grad_accum {k}")
     rows = shape.batch // k
     _check_rows(rows, mesh, "a microbatch")
-    host = {key: (k, rows, shape.seq_len) for key in TOKEN_KEYS if not key.startswith("talker_")}
-    host["positions"] = (k, 3, rows, shape.seq_len)
-    host.update(audio=None, image=None, video=None)
+    keys = [key for key in TOKEN_KEYS if not key.startswith("talker_")]
+    # one pipeline batch of the right shapes; its token values do not matter (only shapes reach the program)
+    micro = {key: np.zeros((rows, shape.seq_len), np.int32) for key in keys}
+    micro["positions"] = np.zeros((3, rows, shape.seq_len), np.int32)
+    host = stack_microbatches([micro] * k, thinker_config, media_buckets or {})
     shardings = batch_shardings(host, mesh)
-    return {key: None if dims is None else _abstract(dims, jnp.float32 if key == "loss_mask" else jnp.int32,
-                                                      shardings[key])
-            for key, dims in host.items()}
+    return jax.tree_util.tree_map(lambda a, s: _abstract(np.shape(a), np.asarray(a).dtype, s), host, shardings)
+
+
+def _media_shapes(batch: dict) -> dict:
+    """{"audio_chunks": [k, C, mels, frames], "image_patches": [k, N, dim], ...} of a step batch's encoder inputs."""
+    out = {}
+    if batch.get("audio") is not None:
+        out["audio_chunks"] = list(batch["audio"].chunks.shape)
+    for name in ("image", "video"):
+        if batch.get(name) is not None:
+            out[f"{name}_patches"] = list(batch[name].pixel_values.shape)
+    return out
 
 
 def train_program(config: OmniConfig, options: RuntimeOptions, mesh: Mesh, shape: JobShape,
@@ -115,18 +138,33 @@ def train_program(config: OmniConfig, options: RuntimeOptions, mesh: Mesh, shape
 
     from omni_jax.models.thinker import Thinker, init_thinker
 
-    batch = text_train_batch(mesh, shape)
+    batch = train_batch(mesh, shape, config.thinker, settings.media_buckets)
     thinker = Thinker(config.thinker, options)
     abstract = {"thinker": nn.meta.unbox(jax.eval_shape(lambda: init_thinker(thinker, jax.random.key(0)))["params"])}
     optimizer = make_optimizer(settings.optim or OptimSection(), settings.total_steps,
                                module_labels(abstract, settings.freeze))
     trainer = Trainer(thinker, optimizer, mesh, max_loss_tokens=settings.max_loss_tokens,
-                      loss_chunk=settings.loss_chunk)
+                      loss_chunk=settings.loss_chunk, freeze=settings.freeze)
     fn = trainer.step_fn(batch)
+    media = _media_shapes(batch)
     shapes = {"batch": shape.batch, "seq_len": shape.seq_len, "grad_accum": shape.grad_accum,
               "microbatch": [shape.grad_accum, shape.batch // shape.grad_accum, shape.seq_len],
-              "params": _count(trainer.abstract_state.params)}
-    return Program("train", fn, (trainer.abstract_state, batch), shapes, mesh)
+              "params": _count(trainer.abstract_state.params), **media}
+    params = trainer.abstract_state.params["thinker"]
+    tokens = shape.batch * shape.seq_len
+    flops = roofline.decoder_flops(config.thinker.text, tokens, roofline.causal_pairs(shape.batch, shape.seq_len),
+                                   forward_only="thinker_lm" in settings.freeze)
+    # encoders: per audio chunk its positions after the conv stem (n_window), per vision patch one position
+    if "audio_chunks" in media:
+        positions = int(np.prod(media["audio_chunks"][:2])) * config.thinker.audio.n_window
+        flops += roofline.encoder_flops(_count(params["audio_tower"]), positions, "audio_encoder" in settings.freeze)
+    patches = sum(int(np.prod(media[k][:2])) for k in ("image_patches", "video_patches") if k in media)
+    if patches:
+        flops += roofline.encoder_flops(_count(params["visual"]), patches, "vision_encoder" in settings.freeze)
+    passes = 2 if options.remat_policy == "none" else 3  # forward (+ remat recomputation) + backward
+    gathered = passes * _count(params) * jnp.dtype(options.dtype).itemsize
+    return Program("train", fn, (trainer.abstract_state, batch), shapes, mesh, model_flops=flops, tokens=tokens,
+                   hbm_extra_bytes=gathered, reads_outputs=True)
 
 
 def _count(tree) -> int:
@@ -230,7 +268,9 @@ def prefill_program(config: OmniConfig, options: RuntimeOptions, mesh: Mesh, sha
     cache = args[5]
     shapes = {"batch": b, "seq_len": length, "max_len": shape.max_len, "params": _count(params),
               "kv_cache": list(cache.k.shape)}
-    return Program("prefill", fn, args, shapes, mesh)
+    flops = roofline.decoder_flops(config.thinker.text, b * length, roofline.causal_pairs(b, length),
+                                   forward_only=True, head_tokens=b)
+    return Program("prefill", fn, args, shapes, mesh, model_flops=flops, tokens=b * length)
 
 
 def decode_program(config: OmniConfig, options: RuntimeOptions, mesh: Mesh, shape: JobShape) -> Program:
@@ -253,10 +293,140 @@ def decode_program(config: OmniConfig, options: RuntimeOptions, mesh: Mesh, shap
                  donate_argnums=(1,))
     shapes = {"batch": shape.batch, "seq_len": shape.seq_len, "max_len": shape.max_len, "params": _count(params),
               "kv_cache": list(state.cache.k.shape)}
-    return Program("decode", fn, (params, state), shapes, mesh)
+    # every row attends over the whole cache (the kernel reads all max_len slots)
+    flops = roofline.decoder_flops(config.thinker.text, shape.batch, shape.batch * shape.max_len, forward_only=True)
+    return Program("decode", fn, (params, state), shapes, mesh, model_flops=flops, tokens=shape.batch)
 
 
-BUILDERS: dict[str, Callable[..., Program]] = {"prefill": prefill_program, "decode": decode_program}
+# ---------------------------------------------------------------------------------------------------- speech
+def _talker_parts(config: OmniConfig, options: RuntimeOptions, mesh: Mesh):
+    """(talker, abstract params [with shardings], param shardings): the talker placed by the rule table."""
+    from omni_jax.models.talker import Talker, init_talker
+
+    if config.talker is None or config.token2wav is None:
+        raise JobError("this model config has no talker / token2wav (a thinker-only model)")
+    talker = Talker(config.talker, options)
+    boxed = jax.eval_shape(lambda: init_talker(talker, jax.random.key(0)))["params"]
+    shardings = logical_shardings(boxed, mesh)
+    params = jax.tree_util.tree_map(lambda a, s: _abstract(a.shape, a.dtype, s), nn.meta.unbox(boxed), shardings)
+    return talker, params, shardings
+
+
+def talker_decode_program(config: OmniConfig, options: RuntimeOptions, mesh: Mesh, shape: JobShape) -> Program:
+    """One step of speech.talker_decode (the talker's on-device loop, run for one step) with B rows over a
+    max_len talker cache: a talker prompt of seq_len (the thinker prompt + 2) and a reply stream of
+    max_len - seq_len thinker-space elements [B, N, E] (the state donated, as make_talker_fns does)."""
+    from omni_jax.models.talker import Talker
+    from omni_jax.models.kv_cache import KVCache
+    from omni_jax.sampling import SamplingParams
+    from omni_jax.speech import TalkerJob, make_talker_fns, talker_decode, talker_suppressed_tokens
+
+    _check_rows(shape.batch, mesh, "a batch")
+    cfg = config.talker
+    if shape.max_len <= shape.seq_len:
+        raise JobError(f"--max-len {shape.max_len} must exceed --seq-len {shape.seq_len} (the talker cache holds "
+                       f"the talker prompt and the codes)")
+    if shape.max_len > cfg.max_position_embeddings:
+        raise JobError(f"--max-len {shape.max_len} exceeds the talker's context of {cfg.max_position_embeddings}")
+    talker, params, param_shardings = _talker_parts(config, options, mesh)
+    b, prompt, codes = shape.batch, shape.seq_len, shape.max_len - shape.seq_len
+    width = cfg.embedding_size
+    eos = (cfg.tts_codec_pad_token_id, cfg.tts_codec_end_token_id)
+    suppress = talker_suppressed_tokens(cfg, config.token2wav.dit.num_embeds, eos)
+
+    def apply(p, embeds, positions, segment_ids, cache):
+        with rules_context():
+            return talker.apply({"params": p}, embeds, positions, segment_ids, cache, last_logits_only=True)
+
+    def codec_embed(p, ids):
+        with rules_context():
+            return talker.apply({"params": p}, ids, method=Talker.embed_codec)
+
+    dtype = jnp.dtype(options.dtype)
+    job = TalkerJob(prefill=jax.ShapeDtypeStruct((b, prompt, width), dtype),
+                    reply=jax.ShapeDtypeStruct((b, codes, width), dtype),
+                    positions=jax.ShapeDtypeStruct((3, b, prompt), jnp.int32),
+                    segment_ids=jax.ShapeDtypeStruct((b, prompt), jnp.int32),
+                    first_position=jax.ShapeDtypeStruct((b,), jnp.int32),
+                    seen_ids=jax.ShapeDtypeStruct((b, prompt), jnp.int32))
+    cache = jax.eval_shape(lambda: KVCache.init(cfg.num_hidden_layers, b, shape.max_len, cfg.num_key_value_heads,
+                                                cfg.head_dim, dtype, platform=options.platform))
+    prefill_fn, _ = make_talker_fns(apply, codec_embed, max_new_tokens=codes, eos_ids=eos,
+                                    pad_id=cfg.tts_codec_pad_token_id, vocab_size=cfg.vocab_size,
+                                    suppress_tokens=suppress, platform=options.platform)
+    state = jax.eval_shape(prefill_fn, params, job, cache, jax.eval_shape(lambda: jax.random.key(0)),
+                           jax.eval_shape(lambda: SamplingParams.make(b)))
+    state_shardings = _decode_state_shardings(state, mesh, b)
+    state = jax.tree_util.tree_map(lambda a, s: _abstract(a.shape, a.dtype, s), state, state_shardings)
+    reply_sharding = batch_sharding(mesh, 3, 0)
+    reply = _abstract((b, codes, width), dtype, reply_sharding)
+    eos_ids = np.asarray(eos, np.int32)
+
+    def decode(params, state, reply):
+        return talker_decode(apply, codec_embed, params, state, reply, 1, eos_ids, cfg.tts_codec_pad_token_id,
+                             suppress, options.platform)
+
+    fn = jax.jit(decode, in_shardings=(param_shardings, state_shardings, reply_sharding),
+                 out_shardings=state_shardings, donate_argnums=(1,))
+    shapes = {"batch": b, "seq_len": prompt, "max_len": shape.max_len, "params": _count(params),
+              "kv_cache": list(state.cache.k.shape), "reply": [b, codes, width]}
+    flops = roofline.decoder_flops(cfg, b, b * shape.max_len, forward_only=True) + 2.0 * b * width * cfg.hidden_size
+    return Program("talker-decode", fn, (params, state, reply), shapes, mesh, model_flops=flops, tokens=b)
+
+
+REF_MEL_FRAMES = 300  # token2wav: reference mel frames of the voice (only ECAPA reads them; --seq-len overrides)
+
+
+def token2wav_program(config: OmniConfig, options: RuntimeOptions, mesh: Mesh, shape: JobShape) -> Program:
+    """One streamed Token2Wav round for B rows, as streaming.StreamingToken2Wav runs it: the DiT flow-matching
+    ODE (10 steps, classifier-free guidance) over one window of the released chunk layout (144 mel frames: 48
+    past, 72 chunk, 24 future), then BigVGAN over a vocoder window (135 mel frames) -> [B, 135 * 240] samples.
+    float32, as the reference runs Token2Wav; params replicated, rows over data x fsdp."""
+    from omni_jax.models.bigvgan import BigVGAN
+    from omni_jax.models.dit import DiT
+    from omni_jax.streaming import StreamLayout, window_mel
+
+    _check_rows(shape.batch, mesh, "a batch")
+    if config.token2wav is None:
+        raise JobError("this model config has no token2wav (a thinker-only model)")
+    dit_cfg, vocoder_cfg = config.token2wav.dit, config.token2wav.bigvgan
+    layout = StreamLayout.for_config(dit_cfg)
+    dit_options = RuntimeOptions(attention_backend=options.attention_backend, platform=options.platform)
+    dit, vocoder = DiT(dit_cfg, dit_options), BigVGAN(vocoder_cfg, platform=options.platform)
+    b, ref_frames = shape.batch, shape.seq_len
+    window = layout.window
+    dit_params = nn.meta.unbox(jax.eval_shape(lambda: dit.init(
+        jax.random.key(0), jnp.zeros((1, window, dit_cfg.mel_dim)), jnp.zeros((1, window // dit_cfg.repeats), jnp.int32),
+        jnp.zeros((1, dit_cfg.enc_emb_dim)), jnp.zeros((1, ref_frames, dit_cfg.mel_dim)), jnp.zeros((1,)))))
+    vocoder_params = nn.meta.unbox(jax.eval_shape(lambda: vocoder.init(
+        jax.random.key(0), jnp.zeros((1, vocoder_cfg.mel_dim, layout.vocoder_window)))))["params"]
+    everywhere = replicated(mesh)
+    rows = lambda ndim: batch_sharding(mesh, ndim, 0)  # noqa: E731
+    place = lambda tree: jax.tree_util.tree_map(lambda a: _abstract(a.shape, a.dtype, everywhere), tree)  # noqa: E731
+    f32 = jnp.float32
+    args = (place(dit_params), place(vocoder_params),
+            _abstract((b, window // dit_cfg.repeats), jnp.int32, rows(2)),  # codes
+            _abstract((b, dit_cfg.enc_emb_dim), f32, rows(2)),  # cond
+            _abstract((b, ref_frames, dit_cfg.mel_dim), f32, rows(3)),  # ref_mel
+            _abstract((b, window, dit_cfg.mel_dim), f32, rows(3)),  # noise
+            _abstract((b, window), jnp.int32, rows(2)),  # frame_mask
+            _abstract((b, vocoder_cfg.mel_dim, layout.vocoder_window - layout.chunk), f32, rows(3)))  # mel history
+
+    def chunk_round(dit_params, vocoder_params, codes, cond, ref_mel, noise, frame_mask, history):
+        mel = window_mel(dit_cfg, dit_options, dit_params, codes, cond, ref_mel, noise, frame_mask)  # [B, W, mel]
+        chunk = jnp.transpose(mel[:, layout.past:layout.past + layout.chunk], (0, 2, 1))  # [B, mel, 72]
+        # the vocoder window of a middle chunk: the row's earlier mel frames, then the new chunk ([B, mel, 135])
+        return vocoder.apply({"params": vocoder_params}, jnp.concatenate([history, chunk], axis=2))  # [B, samples]
+
+    fn = jax.jit(chunk_round, in_shardings=tuple(jax.tree_util.tree_map(lambda a: a.sharding, a) for a in args),
+                 out_shardings=rows(2))
+    shapes = {"batch": b, "ref_mel_frames": ref_frames, "dit_window": window, "vocoder_window": layout.vocoder_window,
+              "params": _count(dit_params) + _count(vocoder_params)}
+    return Program("token2wav", fn, args, shapes, mesh)
+
+
+BUILDERS: dict[str, Callable[..., Program]] = {"prefill": prefill_program, "decode": decode_program,
+                                               "talker-decode": talker_decode_program, "token2wav": token2wav_program}
 
 
 def build_program(job: str, config: OmniConfig, options: RuntimeOptions, mesh: Mesh, shape: JobShape,

@@ -17,7 +17,7 @@ import json
 import re
 from typing import Any, Optional
 
-from omni_jax.tpu_compile import hlo
+from omni_jax.tpu_compile import hlo, roofline
 
 GiB = 1024 ** 3  # printed sizes are GiB (HBM comes in binary units); JSON holds bytes
 
@@ -40,6 +40,11 @@ class CompileReport:
     custom_calls: dict
     collectives: dict
     compile_s: float
+    # collectives as one run of the program executes them (loops counted per iteration) with the bytes each chip
+    # receives (hlo.collective_traffic), and the roofline built on them (roofline.py); None: not modelled
+    collective_traffic: Optional[dict] = None
+    top_collectives: Optional[list] = None  # the 10 collective instructions that move the most bytes per chip
+    roofline: Optional[dict] = None
     compiler_error: Optional[str] = None  # first line of a resource-exhausted compile
     compiler_hbm_bytes: Optional[int] = None  # the HBM the compiler said it may use (a refusal's own number)
 
@@ -91,8 +96,17 @@ class CompileReport:
             ("fits", fits),
             ("mosaic kernels", str(self.mosaic_kernels)),
             ("collectives", comms),
-            ("compile", f"{self.compile_s:.1f} s"),
         ]
+        if self.collective_traffic:
+            moved = sum(c["received_bytes"] for c in self.collective_traffic.values())
+            rows.append(("ICI traffic", f"{moved / GiB:.2f} GiB received per chip in one run (loops counted)"))
+        if self.roofline:
+            r = self.roofline
+            ici = "?" if r["ici_s"] is None else f"{r['ici_s'] * 1e3:.1f}"
+            rows.append(("roofline", f"compute {r['compute_s'] * 1e3:.1f} ms, HBM {r['hbm_s'] * 1e3:.1f} ms, ICI {ici} "
+                                     f"ms -> step >= {r['bound_s'] * 1e3:.1f} ms, MFU <= {100 * r['mfu_bound']:.1f}%, "
+                                     f"<= {r['tokens_per_s_per_chip_bound']:,.0f} tokens/s/chip"))
+        rows.append(("compile", f"{self.compile_s:.1f} s"))
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -109,16 +123,27 @@ def memory_bytes(compiled) -> tuple[dict, int]:
              "total": total}, int(stats.generated_code_size_in_bytes))
 
 
-def build_report(compiled, *, compile_s: float, **fields: Any) -> CompileReport:
+def build_report(compiled, *, compile_s: float, program=None, **fields: Any) -> CompileReport:
     """The report of a compiled program (fields: job, topology, num_slices, device_kind, chips, mesh, shapes,
-    options, hbm_bytes)."""
+    options, hbm_bytes); with the `programs.Program`, also its roofline."""
     per_device, code = memory_bytes(compiled)
     text = compiled.as_text()
     hbm = fields["hbm_bytes"]
+    top: list = []
+    traffic = hlo.collective_traffic(text, fields["chips"], top)
+    bound = None
+    if program is not None and program.model_flops is not None:
+        hbm_bytes = per_device["arguments"] + program.hbm_extra_bytes
+        if program.reads_outputs:
+            hbm_bytes += per_device["outputs"]
+        line = roofline.roofline(fields["device_kind"], fields["chips"], program.model_flops, hbm_bytes,
+                                 sum(c["received_bytes"] for c in traffic.values()), program.tokens)
+        bound = None if line is None else dataclasses.asdict(line)
     return CompileReport(per_device_bytes=per_device, generated_code_bytes=code,
                          fits=None if hbm is None else per_device["total"] <= hbm,
                          mosaic_kernels=hlo.mosaic_kernels(text), custom_calls=hlo.custom_calls(text),
-                         collectives=hlo.collectives(text), compile_s=round(compile_s, 2), **fields)
+                         collectives=hlo.collectives(text), collective_traffic=traffic, top_collectives=top[:10], roofline=bound,
+                         compile_s=round(compile_s, 2), **fields)
 
 
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4, "P": 1024 ** 5}
