@@ -22,6 +22,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, object], ...] = (
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
+    # a packed sequence of batch 1 (the vision encoder's patches of every image / video of a step): its positions
+    # are split over the batch devices, so each encodes its share (not all of them, redundantly)
+    ("activation_packed", ("data", "fsdp")),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
