@@ -12,13 +12,15 @@ those of forward + backward of the unfused head (no recomputation).
 
 The matmuls run in hidden.dtype with float32 accumulation (as models.layers.Einsum); softmax math in float32.
 
-Sharded (a mesh set, the rows of `hidden` sharded on the batch as the train step's are): chunk k holds the rows
-k, k + N/C, k + 2N/C, ... (strided, not contiguous), so every chunk is spread over all devices and each device
-works on its own rows at every step; the kernel is gathered once before the scan (FSDP), not reduced per chunk,
-and the kernel gradient is accumulated per batch shard ([G, D, V], G = data x fsdp, one slice per device) and
-summed once after the scan. With contiguous chunks a chunk lived on one device and the compiler all-reduced
-every chunk's [C, V] float32 logits over the batch shards (139 GiB per chip per step for the 7B train preset on
-v6e:4x4, omni-jax compile); with a [D, V] carry it all-reduced the kernel gradient at every chunk instead.
+Sharded (a mesh set, logical rules `loss_rows` and `loss_vocab` of omni_jax/sharding/rules.py), vocabulary-
+parallel: the kernel is split over the vocabulary across the weight shards (fsdp x tensor) once; each chunk's
+rows are gathered over fsdp (split over `data`), every device computes the logits of its vocabulary slice, and
+the logsumexp, the target logit and the hidden-state gradient reduce over the slices ([C] and [C, D] values).
+The kernel gradient stays in the device's slice ([G, D, V/shards], G = data, summed once after the scan). Chunk
+k holds the rows k, k + N/C, k + 2N/C, ... (strided), so a chunk comes from every device evenly.
+Measured with omni-jax compile (7B train preset, v6e:4x4, 16 x 8192): the first version, contiguous chunks with
+the kernel split on its input dim, all-reduced every chunk's [C, V] float32 logits (139 GiB received per chip a
+step); a gathered kernel with a per-device [D, V] float32 gradient moved ~5 GiB but held 3.3 GiB more per chip.
 """
 from __future__ import annotations
 
@@ -47,13 +49,10 @@ def _unchunked(x: jax.Array, n: int) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])[:n]
 
 
-def _batch_shards() -> int:
-    """Devices the batch is split over (data x fsdp of the mesh set by jax.set_mesh; 1 without one)."""
+def _data_shards() -> int:
+    """Size of the `data` axis of the mesh set by jax.set_mesh (1 without one)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return 1
-    shape = dict(mesh.shape)
-    return int(shape.get("data", 1) * shape.get("fsdp", 1))
+    return 1 if mesh.empty else int(dict(mesh.shape).get("data", 1))
 
 
 def _scan(hidden, kernel, targets, weights, chunk: int, with_grads: bool):
@@ -61,37 +60,39 @@ def _scan(hidden, kernel, targets, weights, chunk: int, with_grads: bool):
     d sum / d kernel [D, V] f32 or None)."""
     n, dim = hidden.shape
     vocab = kernel.shape[1]
-    # gathered over the batch shards once (FSDP), sharded on the vocabulary as the lm_head
-    w_kernel = constrain(kernel.astype(hidden.dtype), (None, "vocab"))
+    w_kernel = constrain(kernel.astype(hidden.dtype), (None, "loss_vocab"))  # [D, V]: a vocabulary slice each
     xs = (_chunked(hidden, chunk), _chunked(targets.astype(jnp.int32), chunk), _chunked(weights.astype(jnp.float32), chunk))
 
-    groups = _batch_shards() if chunk % _batch_shards() == 0 else 1  # G: a kernel-gradient slice per batch shard
+    groups = _data_shards() if chunk % _data_shards() == 0 else 1  # G: a kernel-gradient slice per data shard
+    vocab_ids = jnp.arange(vocab, dtype=jnp.int32)[None, :]  # [1, V]
 
     def body(d_kernel, chunk_xs):
         h, t, w = chunk_xs  # [C, D], [C], [C]
-        logits = jnp.einsum("cd,dv->cv", h, w_kernel, preferred_element_type=jnp.float32)  # [C, V]
+        h = constrain(h, ("loss_rows", None))
+        logits = constrain(jnp.einsum("cd,dv->cv", h, w_kernel, preferred_element_type=jnp.float32),
+                           ("loss_rows", "loss_vocab"))  # [C, V]
         log_z = jax.nn.logsumexp(logits, axis=-1)  # [C]
-        target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        # a masked sum, not a gather: the logits stay split over the vocabulary
+        target_logit = jnp.sum(jnp.where(vocab_ids == t[:, None], logits, 0.0), axis=-1)
         losses = log_z - target_logit  # [C] unweighted
         if not with_grads:
             return d_kernel, (losses, None)
         # d losses_c / d logits = w_c * (softmax - onehot(t_c))
         d_logits = jnp.exp(logits - log_z[:, None]) * w[:, None]
-        d_logits = d_logits - jax.nn.one_hot(t, vocab, dtype=jnp.float32) * w[:, None]  # [C, V]
+        d_logits = d_logits - jnp.where(vocab_ids == t[:, None], w[:, None], 0.0)  # [C, V]
         d_logits = d_logits.astype(hidden.dtype)
         d_h = jnp.einsum("cv,dv->cd", d_logits, w_kernel, preferred_element_type=jnp.float32)  # [C, D]
-        grouped = lambda x: constrain(x.reshape((groups, -1) + x.shape[1:]), ("activation_batch", None, None))  # noqa: E731
-        d_kernel = d_kernel + jnp.einsum("gcd,gcv->gdv", grouped(h), grouped(d_logits),
-                                         preferred_element_type=jnp.float32)  # [G, D, V]: each shard its rows'
+        rows = lambda x: x.reshape((groups, -1) + x.shape[1:])  # noqa: E731  [G, C/G, ...]
+        d_kernel = d_kernel + jnp.einsum("gcd,gcv->gdv", rows(h), rows(d_logits),
+                                         preferred_element_type=jnp.float32)  # [G, D, V]: each data shard its rows
         return d_kernel, (losses, d_h)
 
     init = None
     if with_grads:
-        init = constrain(jnp.zeros((groups, dim, vocab), jnp.float32), ("activation_batch", None, "vocab"))
+        init = constrain(jnp.zeros((groups, dim, vocab), jnp.float32), ("loss_rows", None, "loss_vocab"))
     d_kernel, (losses, d_h) = jax.lax.scan(body, init, xs)
     if with_grads:
-        # [D, V]: one reduction over the batch shards, landing sharded as the lm_head kernel (a reduce-scatter)
-        d_kernel = constrain(d_kernel.sum(axis=0), ("embed", "vocab"))
+        d_kernel = d_kernel.sum(axis=0)  # [D, V]: one reduction over the data shards
     losses = _unchunked(losses, n)
     if with_grads:
         d_h = _unchunked(d_h, n)

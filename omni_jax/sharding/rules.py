@@ -30,6 +30,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, object], ...] = (
     ("activation_kv_heads", "tensor"),
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
+    # the fused head loss (models/linear_cross_entropy.py): a chunk's rows over `data`, the vocabulary over the
+    # weight shards, so no device holds the whole [D, V] kernel or its gradient
+    ("loss_rows", "data"),
+    ("loss_vocab", ("fsdp", "tensor")),
     # inputs
     ("batch", ("data", "fsdp")),
     ("length", None),
