@@ -2,7 +2,7 @@
 # Compile every TPU preset and target shape of docs/tpu.md with `omni-jax compile` (libtpu, no TPU needed) and
 # write one JSON report each under bench/results/tpu/. Run from the repository root with the project's venv:
 #   bash bench/tpu_presets.sh [NAME ...]      # all, or only the named ones
-# Each 7B compile takes one to several minutes on a 2-core host.
+# Each 7B compile takes one to several minutes on a 2-core host; a released-size token2wav round over 20.
 set -uo pipefail
 OUT=bench/results/tpu
 mkdir -p "$OUT"
