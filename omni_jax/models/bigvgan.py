@@ -186,11 +186,11 @@ def sin_squared(z: Array) -> Array:
     return sin_r * sin_r
 
 
-def _snake_beta(x: Array, log_alpha: Array, log_beta: Array) -> Array:
+def _snake_beta(x: Array, log_alpha: Array, log_beta: Array, sin_sq=sin_squared) -> Array:
     """SnakeBeta x + sin^2(x·e^alpha) / (e^beta + 1e-9), per channel (the last axis)."""
     alpha = jnp.exp(log_alpha.astype(jnp.float32))
     inv_beta = 1.0 / (jnp.exp(log_beta.astype(jnp.float32)) + SNAKE_EPS)
-    return x + inv_beta * sin_squared(x * alpha)
+    return x + inv_beta * sin_sq(x * alpha)
 
 
 def _fir_depthwise(x: Array, taps, length: int, left: int) -> Array:
@@ -214,15 +214,16 @@ def anti_aliased_snake_beta(x: Array, log_alpha: Array, log_beta: Array, platfor
     shifted slices, the sin^2 polynomial and an optimization barrier, which XLA:CPU runs fastest. Elsewhere:
     each FIR phase one depthwise convolution and `jnp.sin`; the slice form has ~24 slices per activation (2,600
     in the released BigVGAN), which took the TPU compiler 4 minutes for a tiny BigVGAN."""
-    if not target.cpu_paths(platform):
-        return _anti_aliased_snake_beta_conv(x, log_alpha, log_beta)
+    cpu = target.cpu_paths(platform)
+    fir = _fir if cpu else _fir_depthwise
+    sin_sq = sin_squared if cpu else lambda z: jnp.square(jnp.sin(z))
     length = x.shape[1]
     # up x2, as two phases of the upsampled signal u: even = u[2n], odd = u[2n+1]   [B, L, C] each
     lo = -min(o for phase in UP_TAPS for o, _ in phase)
     hi = max(o for phase in UP_TAPS for o, _ in phase)
     x_pad = jnp.pad(x, ((0, 0), (lo, hi), (0, 0)), mode="edge")  # replicate padding
-    even = _snake_beta(_fir(x_pad, UP_TAPS[0], length, lo), log_alpha, log_beta)
-    odd = _snake_beta(_fir(x_pad, UP_TAPS[1], length, lo), log_alpha, log_beta)
+    even = _snake_beta(fir(x_pad, UP_TAPS[0], length, lo), log_alpha, log_beta, sin_sq)
+    odd = _snake_beta(fir(x_pad, UP_TAPS[1], length, lo), log_alpha, log_beta, sin_sq)
     # down x2: replicate padding of u means u[0] (= even[0]) before the start and u[2L-1] (= odd[L-1]) after
     # the end, for both phases.
     lo = -min(o for phase in DOWN_TAPS for o, _ in phase)
@@ -231,29 +232,9 @@ def anti_aliased_snake_beta(x: Array, log_alpha: Array, log_beta: Array, platfor
     last = jnp.broadcast_to(odd[:, -1:], (x.shape[0], hi, x.shape[2]))
     even = jnp.concatenate([first, even, last], axis=1)
     odd = jnp.concatenate([first, odd, last], axis=1)
-    # materialise the activation once; fused into the 12-tap sum, XLA would recompute every sin per tap
-    even, odd = jax.lax.optimization_barrier((even, odd))
-    return _fir(even, DOWN_TAPS[0], length, lo) + _fir(odd, DOWN_TAPS[1], length, lo)
-
-
-def _anti_aliased_snake_beta_conv(x: Array, log_alpha: Array, log_beta: Array) -> Array:
-    """`anti_aliased_snake_beta` off the CPU: depthwise-convolution FIRs and `jnp.sin`."""
-    length = x.shape[1]
-    alpha = jnp.exp(log_alpha.astype(jnp.float32))
-    inv_beta = 1.0 / (jnp.exp(log_beta.astype(jnp.float32)) + SNAKE_EPS)
-    snake = lambda u: u + inv_beta * jnp.square(jnp.sin(u * alpha))  # noqa: E731
-    lo = -min(o for phase in UP_TAPS for o, _ in phase)
-    hi = max(o for phase in UP_TAPS for o, _ in phase)
-    x_pad = jnp.pad(x, ((0, 0), (lo, hi), (0, 0)), mode="edge")
-    even = snake(_fir_depthwise(x_pad, UP_TAPS[0], length, lo))
-    odd = snake(_fir_depthwise(x_pad, UP_TAPS[1], length, lo))
-    lo = -min(o for phase in DOWN_TAPS for o, _ in phase)
-    hi = max(o for phase in DOWN_TAPS for o, _ in phase)
-    first = jnp.broadcast_to(even[:, :1], (x.shape[0], lo, x.shape[2]))
-    last = jnp.broadcast_to(odd[:, -1:], (x.shape[0], hi, x.shape[2]))
-    even = jnp.concatenate([first, even, last], axis=1)
-    odd = jnp.concatenate([first, odd, last], axis=1)
-    return _fir_depthwise(even, DOWN_TAPS[0], length, lo) + _fir_depthwise(odd, DOWN_TAPS[1], length, lo)
+    if cpu:  # materialise the activation once; fused into the 12-tap sum, XLA:CPU would recompute every sin per tap
+        even, odd = jax.lax.optimization_barrier((even, odd))
+    return fir(even, DOWN_TAPS[0], length, lo) + fir(odd, DOWN_TAPS[1], length, lo)
 
 
 def preprocess_mel(mel: Array) -> Array:

@@ -179,15 +179,20 @@ def _thinker_apply(thinker, params, input_ids, positions, segment_ids, cache=Non
                              **(multimodal or {}))
 
 
+def _placed_params(boxed, mesh: Mesh):
+    """(abstract params with their rule-table shardings, the shardings) of a module's boxed abstract params."""
+    shardings = logical_shardings(boxed, mesh)
+    params = jax.tree_util.tree_map(lambda a, s: _abstract(a.shape, a.dtype, s), nn.meta.unbox(boxed), shardings)
+    return params, shardings
+
+
 def _serving_parts(config: OmniConfig, options: RuntimeOptions, mesh: Mesh):
     """(thinker, abstract params [with shardings], param shardings) of the served thinker."""
     from omni_jax.models.thinker import Thinker, init_thinker
 
     thinker = Thinker(config.thinker, options)
-    boxed = jax.eval_shape(lambda: init_thinker(thinker, jax.random.key(0)))["params"]
-    shardings = logical_shardings(boxed, mesh)
-    params = jax.tree_util.tree_map(lambda a, s: _abstract(a.shape, a.dtype, s), nn.meta.unbox(boxed), shardings)
-    return thinker, params, shardings
+    return (thinker, *_placed_params(jax.eval_shape(lambda: init_thinker(thinker, jax.random.key(0)))["params"],
+                                     mesh))
 
 
 def _empty_cache(config: OmniConfig, options: RuntimeOptions, batch: int, max_len: int):
@@ -306,10 +311,8 @@ def _talker_parts(config: OmniConfig, options: RuntimeOptions, mesh: Mesh):
     if config.talker is None or config.token2wav is None:
         raise JobError("this model config has no talker / token2wav (a thinker-only model)")
     talker = Talker(config.talker, options)
-    boxed = jax.eval_shape(lambda: init_talker(talker, jax.random.key(0)))["params"]
-    shardings = logical_shardings(boxed, mesh)
-    params = jax.tree_util.tree_map(lambda a, s: _abstract(a.shape, a.dtype, s), nn.meta.unbox(boxed), shardings)
-    return talker, params, shardings
+    return (talker, *_placed_params(jax.eval_shape(lambda: init_talker(talker, jax.random.key(0)))["params"],
+                                    mesh))
 
 
 def talker_decode_program(config: OmniConfig, options: RuntimeOptions, mesh: Mesh, shape: JobShape) -> Program:
