@@ -145,6 +145,27 @@ def _cmd_eval(args) -> int:
     return eval_main(args)
 
 
+def _cmd_serve(args) -> int:
+    import os
+
+    from omni_jax.api import OmniModel
+    from omni_jax.processing.processor import Processor
+    from serve.continuous import ContinuousEngine  # lazy: omni_jax does not import serve
+    from serve.eval import parse_mesh
+    from serve.http import serve
+
+    model = OmniModel.from_pretrained(args.model, dtype=args.dtype, mesh_shape=parse_mesh(args.mesh))
+    if model.tokenizer is None:
+        print(f"error: {args.model} has no tokenizer files (tokenizer.json or vocab.json)", file=sys.stderr)
+        return 2
+    engine = ContinuousEngine(model, Processor.from_pretrained(args.model), max_slots=args.max_slots,
+                              page_size=args.page_size, kv_pages=args.kv_pages, max_model_len=args.max_model_len,
+                              chunk_size=args.chunk_size)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    serve(engine, name, host=args.host, port=args.port, graceful_timeout=args.graceful_timeout)
+    return 0
+
+
 def _cmd_train(args) -> int:
     from train.cli import run  # lazy: the train loop imports Orbax, grain, optax
 
@@ -229,6 +250,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize()")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, text and speech)")
+    p.add_argument("--model", required=True, help="omni_jax checkpoint dir or HF dir (with tokenizer files)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: the dir's name)")
+    p.add_argument("--mesh", default=None, help="shard the model, e.g. fsdp=2,tensor=4")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-slots", type=int, default=16, help="decode slots (rows decoded together)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
+    p.add_argument("--kv-pages", type=int, default=None,
+                   help="pages in the KV cache pool (default: every slot can hold --max-model-len tokens)")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + reply (default: the model's)")
+    p.add_argument("--chunk-size", type=int, default=512, help="most prompt tokens per prefill step")
+    p.add_argument("--graceful-timeout", type=float, default=None,
+                   help="seconds to wait for requests in flight at shutdown (default: until they finish)")
+    p.set_defaults(fn=_cmd_serve)
 
     p = sub.add_parser("train", help="train or finetune from a train YAML (resumes in an existing workdir)")
     p.add_argument("--config", required=True, help="train YAML, e.g. configs/train/toy.yaml")

@@ -175,3 +175,24 @@ def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
     """`jax.random.categorical(key, logits, axis=-1)` as int32, draw for draw (the Gumbel-max trick with the same
     Gumbel noise), with `argmax`'s faster reduction."""
     return argmax(jax.random.gumbel(key, logits.shape, logits.dtype) + logits)
+
+
+def select_tokens_per_row(logits: jax.Array, params: SamplingParams, keys: jax.Array,
+                          seen: Optional[jax.Array] = None) -> jax.Array:
+    """`select_tokens` with one PRNG key per row (keys [B], typed): a row's draw depends only on its own logits,
+    settings and key, never on the other rows, so a request's sampled output is the same in any batch.
+
+    The repetition penalty reads `seen` only when some row uses it (one `lax.cond`)."""
+    uses_penalty = jnp.any(params.repetition_penalty != 1.0)
+    if seen is not None:
+        logits = jax.lax.cond(uses_penalty, lambda x: penalise(x, params, seen), lambda x: x.astype(jnp.float32),
+                              logits)
+    params_no_penalty = params.replace(repetition_penalty=jnp.ones_like(params.repetition_penalty))
+
+    def sample(logits):
+        processed = process_logits(logits, params_no_penalty)
+        noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], logits.dtype))(keys)  # [B, V]
+        drawn = argmax(processed + noise)
+        return jnp.where(params.temperature == 0, argmax(processed), drawn).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(params.temperature > 0), sample, lambda x: argmax(x.astype(jnp.float32)), logits)

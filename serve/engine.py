@@ -87,6 +87,7 @@ class Failed:
 
     request: Request
     error: str
+    kind: str = "invalid"  # "invalid" (the request: a 4xx), "internal" (generation failed: a 5xx) or "cancelled"
 
     @property
     def id(self) -> str:
@@ -328,7 +329,7 @@ class Engine:
                 worker.join()
                 if len(rows) == 1:
                     self._emitted.pop(rows[0].seq, None)
-                    yield Failed(rows[0].request, f"generation failed: {_message(value)}")
+                    yield Failed(rows[0].request, f"generation failed: {_message(value)}", kind="internal")
                 else:
                     half = len(rows) // 2
                     yield from self._run_rows(rows[:half], attempt + 1)

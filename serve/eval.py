@@ -1,7 +1,7 @@
 """Batch evaluation: `omni-jax eval --model DIR --requests in.jsonl --out out.jsonl [--audio-dir D]`.
 
 Reads requests (one JSON object per line, the format of `serve.requests`; docs/eval.md), serves them with the
-batching `Engine` and appends one result record per request to the output JSONL, in completion order:
+continuous-batching engine and appends one result record per request to the output JSONL, in completion order:
 
     {"id": "q1", "text": "...", "token_ids": [...], "finish_reason": "stop", "audio": "D/q1.wav" | null,
      "timings": {"queue": s, "preprocess": s, "prefill": s, "decode": s, "speech": s, "total": s,
@@ -9,7 +9,8 @@ batching `Engine` and appends one result record per request to the output JSONL,
 
 A request that cannot be served (malformed line, unknown field, missing media file, unknown speaker, prompt
 longer than the context, ...) gets a record with `"error": "<what is wrong>"` (and `"line"`: its line in the
-requests file) and null results; the others complete.
+requests file) and null results; the others complete. The requests are served by the continuous-batching engine
+(`serve.continuous`): `--max-batch` decode slots, a request's reply the same whatever else runs beside it.
 
 Crash safety and resuming: every record is written whole (one `write` of one line), flushed and fsynced before
 the next, and a wav file is written (to a temp name, then renamed) before the record that names it. Re-running
@@ -138,13 +139,14 @@ def run_eval(model: str, requests: str, out: str, audio_dir: Optional[str] = Non
 
     from omni_jax.api import OmniModel
     from omni_jax.processing.processor import Processor
-    from serve.engine import SAMPLE_RATE, Engine, Failed, Finished
+    from serve.continuous import ContinuousEngine
+    from serve.engine import SAMPLE_RATE, Failed, Finished
 
     omni = OmniModel.from_pretrained(model, dtype=dtype, mesh_shape=mesh_shape)
     if omni.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files (tokenizer.json or vocab.json)")
     processor = Processor.from_pretrained(model)
-    engine = Engine(omni, processor, max_batch=max_batch, stream=False)
+    engine = ContinuousEngine(omni, processor, max_slots=max_batch)
     import jax
 
     # Multi-host (jax.distributed): every process runs the same batches (each feeding its devices' slice of
@@ -201,7 +203,7 @@ def run_eval(model: str, requests: str, out: str, audio_dir: Optional[str] = Non
         writer.close()
     summary["seconds"] = time.perf_counter() - start
     summary["tokens_per_s"] = summary["new_tokens"] / max(summary["seconds"], 1e-9)
-    summary["compiled_shapes"] = omni.num_compiled_shapes
+    summary["compiled_shapes"] = len(engine.prefill_shapes) + len(engine.decode_shapes) + len(engine.embed_shapes)
     return summary
 
 
@@ -240,5 +242,5 @@ def main(args) -> int:
                        dtype=args.dtype, mesh_shape=parse_mesh(args.mesh), progress=not args.no_progress)
     print(f"eval: {summary['answered']} answered, {summary['errors']} errors, {summary['skipped']} already done; "
           f"{summary['new_tokens']} tokens in {summary['seconds']:.1f} s ({summary['tokens_per_s']:.1f} tokens/s), "
-          f"{summary['compiled_shapes']} compiled generate shapes -> {args.out}", file=sys.stderr)
+          f"{summary['compiled_shapes']} compiled prefill / decode / embed shapes -> {args.out}", file=sys.stderr)
     return 0

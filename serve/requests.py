@@ -35,7 +35,7 @@ __all__ = ["Request", "RequestError", "parse_request", "read_requests", "DEFAULT
 
 DEFAULTS: dict[str, Any] = dict(max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                                 seed=0, return_audio=False, speaker="Chelsie", use_audio_in_video=False,
-                                talker=None)
+                                talker=None, stop=(), stop_token_ids=())
 FIELDS = ("id", "messages") + tuple(DEFAULTS)
 # Keys of omni_jax.speech.TALKER_DEFAULTS (kept here so that parsing imports no JAX) plus do_sample.
 TALKER_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "do_sample")
@@ -68,6 +68,8 @@ class Request:
     speaker: str = "Chelsie"
     use_audio_in_video: bool = False
     talker: Optional[dict] = None
+    stop: tuple = ()  # stop strings: the reply ends before the first of them (not included), finish_reason "stop"
+    stop_token_ids: tuple = ()  # extra end token ids (vLLM's stop_token_ids); the token is kept in token_ids
     base_dir: Optional[str] = None  # relative media paths resolve against it
     line: Optional[int] = None  # 1-based line in the requests file, when read from one
 
@@ -124,6 +126,15 @@ def _check_field(name: str, value: Any) -> Any:
         if not isinstance(value, str) or not value:
             raise ValueError(f"speaker must be a voice name (a non-empty string), got {value!r}")
         return value
+    if name == "stop":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v for v in items) or len(items) > 16:
+            raise ValueError(f"stop must be a non-empty string or a list of at most 16 of them, got {value!r}")
+        return tuple(items)
+    if name == "stop_token_ids":
+        if not isinstance(value, (list, tuple)) or not all(_is_int(v) and v >= 0 for v in value):
+            raise ValueError(f"stop_token_ids must be a list of token ids (integers >= 0), got {value!r}")
+        return tuple(int(v) for v in value)
     if name == "talker":
         if value is None:
             return None

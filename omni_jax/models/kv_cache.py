@@ -95,3 +95,31 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.k.shape[2]
+
+
+@flax.struct.dataclass
+class PagedKVCache:
+    """A paged KV cache (`omni_jax.kernels.paged_attention`) seen by one call of the decoder: the page pools of
+    every layer, and which pages the call's rows own.
+
+    Each call appends tokens to its rows: the real tokens of a row are the leading ones of its segment ids
+    (padding after them), written at cache indices `lengths[b]`, `lengths[b] + 1`, ... The host owns the page
+    tables and lengths (`serve.pages.PageAllocator`); the decoder returns the cache with the pools updated and
+    `lengths` advanced."""
+
+    pages: tuple  # L arrays [N, P, 2K, d] storage_dtype(dtype, platform): keys/values interleaved on the heads axis
+    page_table: jax.Array  # [B, M] int32 page ids of each row, in order (shard-local under a mesh)
+    lengths: jax.Array  # [B] int32 tokens each row holds before this call
+    dtype: jnp.dtype = flax.struct.field(pytree_node=False, default=jnp.dtype(jnp.float32))  # keys/values dtype
+
+    @staticmethod
+    def init_pages(num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype,
+                   platform: str = "auto") -> tuple:
+        """Empty page pools: `num_layers` arrays [num_pages, page_size, 2 * num_kv_heads, head_dim]."""
+        stored = storage_dtype(dtype, platform)
+        shape = (num_pages, page_size, 2 * num_kv_heads, head_dim)
+        return tuple(jnp.zeros(shape, stored) for _ in range(num_layers))
+
+    @property
+    def page_size(self) -> int:
+        return self.pages[0].shape[1]

@@ -9,12 +9,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from omni_jax.config import REMAT_POLICIES
 from omni_jax.models.attention import AttentionMask, attention, cached_attention
-from omni_jax.models.kv_cache import KVCache, to_storage
+from omni_jax.kernels.paged_attention import paged_attention
+from omni_jax.models.kv_cache import KVCache, PagedKVCache, to_storage
 from omni_jax.models.layers import Einsum, RMSNorm, constrain
 from omni_jax.models.rotary import apply_rotary, mrope_cos_sin
 
@@ -50,7 +52,13 @@ class SelfAttention(nn.Module):
         k = constrain(apply_rotary(k, cos, sin), (ACT_BATCH, ACT_LENGTH, "activation_kv_heads", None))  # [B, T, K, d]
         v = constrain(v, (ACT_BATCH, ACT_LENGTH, "activation_kv_heads", None))
 
-        if cache_k is not None:  # caches hold storage_dtype(cache_dtype, platform) (on the CPU: 16-bit floats' bits)
+        if isinstance(mask, PagedRows):  # cache_k: the tuple of every layer's page pool
+            pool = cache_k[layer_index]
+            new_k, new_v = (to_storage(a, self.cache_dtype, pool.dtype) for a in (k, v))
+            out, pool = paged_attention(q, new_k, new_v, pool, mask.page_table, mask.kv_lens, mask.q_lens,
+                                        scale=d**-0.5, cache_dtype=self.cache_dtype, platform=self.platform)
+            cache_k = cache_k[:layer_index] + (pool,) + cache_k[layer_index + 1:]
+        elif cache_k is not None:  # caches hold storage_dtype(cache_dtype, platform) (on the CPU: 16-bit floats' bits)
             start = (layer_index, 0, write_index, 0, 0)
             new_k, new_v = (to_storage(a[None], self.cache_dtype, cache_k.dtype) for a in (k, v))  # [1, B, T, K, d]
             cache_k = jax.lax.dynamic_update_slice(cache_k, new_k, start)
@@ -62,6 +70,16 @@ class SelfAttention(nn.Module):
                             platform=self.platform)  # [B, T, H, d]
         out = Einsum("btnh,nhd->btd", (H, d, D), ("heads", "head_dim", "embed"), name="o_proj", **kw)(out)
         return out, cache_k, cache_v
+
+
+@flax.struct.dataclass
+class PagedRows:
+    """What the layers of a paged call need in place of an AttentionMask: each row's pages, its length after
+    the call and how many of its T tokens are real (the leading ones)."""
+
+    page_table: jax.Array  # [B, M] int32
+    kv_lens: jax.Array  # [B] int32
+    q_lens: jax.Array  # [B] int32
 
 
 class MLP(nn.Module):
@@ -163,7 +181,15 @@ class TextDecoder(nn.Module):
         cos, sin = mrope_cos_sin(positions, self.head_dim, self.rope_theta, self.mrope_section, self.dtype)
         x = constrain(x.astype(self.dtype), (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
-        if cache is None:
+        if isinstance(cache, PagedKVCache):
+            if self.scan_layers:
+                raise ValueError("a paged KV cache needs unrolled layers (RuntimeOptions.scan_layers=False): each "
+                                 "layer's page pool is its own array")
+            q_lens = jnp.sum(segment_ids != 0, axis=-1).astype(jnp.int32)  # real tokens lead each row
+            mask = PagedRows(cache.page_table.astype(jnp.int32), cache.lengths.astype(jnp.int32) + q_lens, q_lens)
+            write_index = jnp.zeros((), jnp.int32)
+            cache_k, cache_v = tuple(cache.pages), None
+        elif cache is None:
             slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
             mask = AttentionMask(segment_ids, segment_ids, slots, slots, causal=True)
             write_index = jnp.zeros((), jnp.int32)
@@ -186,7 +212,7 @@ class TextDecoder(nn.Module):
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size, num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
             dtype=self.dtype, param_dtype=self.param_dtype, attention_backend=self.attention_backend,
-            cache_dtype=None if cache is None else cache.dtype, platform=self.platform)
+            cache_dtype=None if cache is None else jnp.dtype(cache.dtype), platform=self.platform)
         carry = (x, cache_k, cache_v)
         if self.scan_layers:
             stack = nn.scan(
@@ -206,7 +232,9 @@ class TextDecoder(nn.Module):
         x = RMSNorm(self.hidden_size, self.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
         new_cache = None
-        if cache is not None:
+        if isinstance(cache, PagedKVCache):
+            new_cache = cache.replace(pages=cache_k, lengths=mask.kv_lens)
+        elif cache is not None:
             new_cache = KVCache(k=cache_k, v=cache_v, segment_ids=mask.kv_segment_ids, length=write_index + length,
                                 dtype=cache.dtype)
         return x, new_cache

@@ -127,11 +127,15 @@ class Thinker(nn.Module):
         audio: Optional[MultimodalAudio] = None,
         image: Optional[MultimodalVision] = None,
         video: Optional[MultimodalVision] = None,
+        logits_at: Optional[jax.Array] = None,  # [B] int32: logits of that token only (else of all, or the last)
     ) -> ThinkerOutput:
         if inputs_embeds is None:
             inputs_embeds = self.embed_multimodal(input_ids, audio, image, video)
         hidden, cache = self.decoder(inputs_embeds, positions, segment_ids, cache)
-        head_in = hidden[:, -1:, :] if last_logits_only else hidden
+        if logits_at is not None:
+            head_in = jnp.take_along_axis(hidden, logits_at.astype(jnp.int32)[:, None, None], axis=1)  # [B, 1, D]
+        else:
+            head_in = hidden[:, -1:, :] if last_logits_only else hidden
         logits = self.lm_head(head_in).astype(jnp.float32)  # [B, T, V]
         logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return ThinkerOutput(logits=logits, hidden_states=hidden, cache=cache, inputs_embeds=inputs_embeds)
