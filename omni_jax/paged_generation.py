@@ -15,6 +15,8 @@ Sampling is per row with per-request keys: the key of a request's n-th generated
 """
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -43,7 +45,7 @@ class PagedPrograms:
         self.set_seen_rows = jax.jit(self._set_seen_rows, donate_argnums=(0,))
         self.chunk_embeds = jax.jit(self._chunk_embeds, static_argnames=("rows", "chunk"))
 
-    def _apply(self, params, **kwargs):
+    def _apply(self, params, **kwargs):  # noqa: D401 - the thinker's apply
         with rules_context():
             return self.thinker.apply({"params": params}, **kwargs)
 
@@ -67,16 +69,8 @@ class PagedPrograms:
 
     def _decode_step(self, params, pages, tokens, positions, page_table, lengths, active, sampling, key_data, seen,
                      counts):
-        """One token per slot: tokens / positions / lengths / counts [S] int32, active [S] bool, page_table [S, M],
-        seen [S, V] -> (next tokens [S], pages, seen, hidden [S, D] of the fed tokens)."""
-        ids = tokens[:, None]
-        pos = jnp.broadcast_to(positions[None, :, None], (3,) + ids.shape)  # the 3 TMRoPE axes agree after a prompt
-        cache = PagedKVCache(pages, page_table, lengths, dtype=jnp.dtype(self.model.options.dtype))
-        out = self._apply(params, input_ids=ids, positions=pos, segment_ids=active[:, None].astype(jnp.int32),
-                          cache=cache, last_logits_only=True)
-        token = select_tokens_per_row(out.logits[:, -1], sampling, token_keys(key_data, counts), seen)
-        seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
-        return token, out.cache.pages, seen, out.hidden_states[:, -1]
+        return decode_step(partial(self._apply, params), pages, tokens, positions, page_table, lengths, active,
+                           sampling, key_data, seen, counts, cache_dtype=jnp.dtype(self.model.options.dtype))
 
     @staticmethod
     def _chunk_embeds(embeds, start, row, *, rows: int, chunk: int):
@@ -97,6 +91,21 @@ class PagedPrograms:
         return seen.at[rows].set(values)
 
 
+def decode_step(apply_fn, pages, tokens, positions, page_table, lengths, active, sampling, key_data, seen, counts, *,
+                cache_dtype):
+    """One token for every slot: tokens / positions / lengths / counts [S] int32, active [S] bool, page_table
+    [S, M], key_data [S, 2] uint32, seen [S, V] bool -> (next tokens [S], pages, seen, hidden [S, D] of the fed
+    tokens). `apply_fn(**thinker kwargs)` is the thinker's apply with the params bound."""
+    ids = tokens[:, None]
+    pos = jnp.broadcast_to(positions[None, :, None], (3,) + ids.shape)  # the 3 TMRoPE axes agree after a prompt
+    cache = PagedKVCache(pages, page_table, lengths, dtype=jnp.dtype(cache_dtype))
+    out = apply_fn(input_ids=ids, positions=pos, segment_ids=active[:, None].astype(jnp.int32), cache=cache,
+                   last_logits_only=True)
+    token = select_tokens_per_row(out.logits[:, -1], sampling, token_keys(key_data, counts), seen)
+    seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
+    return token, out.cache.pages, seen, out.hidden_states[:, -1]
+
+
 def sampling_rows(requests, pad_to: int) -> SamplingParams:
     """Per-row SamplingParams of `requests` (objects with temperature/top_k/top_p/repetition_penalty), padded with
     greedy rows to `pad_to`."""
@@ -107,4 +116,4 @@ def sampling_rows(requests, pad_to: int) -> SamplingParams:
                                col("repetition_penalty", 1.0))
 
 
-__all__ = ["PagedPrograms", "sampling_rows", "token_keys"]
+__all__ = ["PagedPrograms", "decode_step", "sampling_rows", "token_keys"]

@@ -414,6 +414,8 @@ class ContinuousEngine:
         for row in rows:
             if budget <= 0:
                 return
+            if row.slot is None:  # preempted by an earlier row's growth in this loop
+                continue
             n = min(self.chunk_size, row.prompt_len - row.prefilled, budget)
             if not self._grow(row, row.prefilled + n):
                 continue

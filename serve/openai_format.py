@@ -204,6 +204,8 @@ FIELD_NAMES = {"max_new_tokens": "max_tokens", "speaker": "audio.voice", "return
 
 def param_of(message: str) -> Optional[str]:
     """The request field an engine error message is about (its field names mapped to OpenAI's)."""
+    if message.startswith("prompt too long"):
+        return "messages"
     for field in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop_token_ids",
                   "stop", "speaker", "return_audio", "use_audio_in_video", "messages"):
         if re.search(rf"\b{field}\b", message):

@@ -10,6 +10,7 @@ the shapes of every serving program on it (prefill, decode, talker decode, Token
     jobs:                                           # omni-jax compile --job NAME --serve-config THIS
       prefill: {batch: 8, seq_len: 8192, max_len: 8448}
       decode: {batch: 64, seq_len: 8064, max_len: 8192}
+      paged-decode: {batch: 256, seq_len: 2048, max_len: 8192, page_size: 64}   # slots, mean tokens per slot
       talker-decode: {batch: 64, seq_len: 8194, max_len: 10240}
       token2wav: {batch: 64}
 """
@@ -20,8 +21,8 @@ from typing import Mapping
 
 import yaml
 
-SERVING_JOBS = ("prefill", "decode", "talker-decode", "token2wav")
-_SHAPE_KEYS = ("batch", "seq_len", "max_len")
+SERVING_JOBS = ("prefill", "decode", "paged-decode", "talker-decode", "token2wav")
+_SHAPE_KEYS = ("batch", "seq_len", "max_len", "page_size")
 
 
 @dataclasses.dataclass(frozen=True)

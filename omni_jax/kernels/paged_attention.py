@@ -70,6 +70,39 @@ def _xla_paged_attention(q, pages, page_table, kv_lens, q_lens, *, scale: float,
     return attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=scale, backend="xla", platform=platform)
 
 
+def _target_device_kind() -> str:
+    """The device kind of the program's target: the mesh's (an AOT compile for a slice from a CPU host), else the
+    first device's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    kind = getattr(device, "device_kind", None)
+    return kind or jax.devices()[0].device_kind
+
+
+def kernel_block_sizes(q, pages, page_table) -> tuple[int, int]:
+    """(kv pages, queries) per block of the ragged kernel, from jax's table of tuned sizes for the target's TPU
+    generation. The kernel's own lookup reads `jax.devices()`, which is this host's CPU in an AOT compile, and its
+    fallback (128 pages a block) overflows VMEM at 64-token pages; so: the tuned entry of this key, else the tuned
+    entry with the same heads, head size and page size nearest in batched tokens and longest in row length not
+    above this one's, else blocks of 1024 tokens and 32 queries."""
+    import math
+
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel, tuned_block_sizes as tuned
+
+    name = " ".join(_target_device_kind().split()[:2])  # "TPU v5 lite" -> "TPU v5"
+    heads_q, heads_kv = kernel.get_min_heads_per_blk(q.shape[1], pages.shape[2], q.dtype, pages.dtype)
+    key = tuned.simplify_key((q.dtype, pages.dtype, heads_q, heads_kv // 2, q.shape[2], pages.shape[1], q.shape[0],
+                              page_table.shape[1]))
+    table = tuned.TUNED_BLOCK_SIZES.get(name, {})
+    if key in table:
+        pages_per_block, queries_per_block = table[key]
+    else:
+        near = [(abs(math.log2(k[6]) - math.log2(key[6])), -k[7], v) for k, v in table.items()
+                if k[:6] == key[:6] and k[7] <= key[7]]
+        pages_per_block, queries_per_block = min(near)[2] if near else (max(1, 1024 // pages.shape[1]), 32)
+    return min(page_table.shape[1], pages_per_block), min(q.shape[0], queries_per_block)
+
+
 def _tpu_paged_attention(q, pages, page_table, kv_lens, q_lens, *, scale: float):
     """The ragged paged attention kernel on one row of T tokens or B rows of one token."""
     from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
@@ -85,8 +118,11 @@ def _tpu_paged_attention(q, pages, page_table, kv_lens, q_lens, *, scale: float)
         cu_q_lens = jnp.arange(batch + 1, dtype=jnp.int32)
         num_seqs = jnp.full((1,), batch, jnp.int32)
     lens = jnp.maximum(kv_lens, 1).astype(jnp.int32)
-    out = ragged_paged_attention(flat_q, pages.astype(q.dtype) if pages.dtype != q.dtype else pages, lens,
-                                 page_table.astype(jnp.int32), cu_q_lens, num_seqs, sm_scale=scale)
+    pages = pages.astype(q.dtype) if pages.dtype != q.dtype else pages
+    pages_per_block, queries_per_block = kernel_block_sizes(flat_q, pages, page_table)
+    out = ragged_paged_attention(flat_q, pages, lens, page_table.astype(jnp.int32), cu_q_lens, num_seqs,
+                                 sm_scale=scale, num_kv_pages_per_block=pages_per_block,
+                                 num_queries_per_block=queries_per_block)
     return out.reshape(batch, t, h, d)
 
 

@@ -30,12 +30,14 @@ class Request:
     remat_policy: str
     scan_layers: bool
     train: object  # programs.TrainSettings
+    page_size: int = 64
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:2x2, v6e:4x4, v5p:2x2x1, v4:2x2x1")
     p.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (the data axis crosses them)")
-    p.add_argument("--job", required=True, choices=("train", "prefill", "decode", "talker-decode", "token2wav"))
+    p.add_argument("--job", required=True,
+                   choices=("train", "prefill", "decode", "paged-decode", "talker-decode", "token2wav"))
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-config", help="model preset YAML, e.g. configs/models/qwen2_5_omni_7b.yaml")
     source.add_argument("--train-config", help="train YAML: model, data lengths, mesh, dtypes, remat, optimizer")
@@ -48,7 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "else 1024)")
     p.add_argument("--batch", type=int, help="global rows (default: the train YAML's batch_size, else 8)")
     p.add_argument("--grad-accum", type=int, help="train microbatches per step (default: the YAML's, else 1)")
-    p.add_argument("--max-len", type=int, help="prefill/decode KV cache slots (default: 2 x seq-len)")
+    p.add_argument("--max-len", type=int, help="prefill/decode KV cache slots; paged-decode: the longest row "
+                                                "(default: 2 x seq-len)")
+    p.add_argument("--page-size", type=int, help="paged-decode: tokens per KV cache page (default: the preset's, "
+                                                 "else 64); --seq-len is then the tokens per slot on average")
     p.add_argument("--dtype", help="compute dtype (default: the YAML's, else bfloat16)")
     p.add_argument("--param-dtype", help="weights (default: train float32 master weights; serving = --dtype)")
     p.add_argument("--mesh", help="data=..,fsdp=..,tensor=.. (one may be -1; default: the YAML's, else "
@@ -116,7 +121,7 @@ def _request(args) -> "Request":
         return from_yaml if train_cfg is not None and from_yaml is not None else default
 
     if serve_cfg is not None:  # the preset's values stand where a flag is not given
-        for key in ("batch", "seq_len", "max_len"):
+        for key in ("batch", "seq_len", "max_len", "page_size"):
             if getattr(args, key) is None and key in serve_shape:
                 setattr(args, key, serve_shape[key])
         for key, value in (("dtype", serve_cfg.dtype), ("attention_backend", serve_cfg.attention_backend),
@@ -154,7 +159,8 @@ def _request(args) -> "Request":
         mesh=mesh, dtype=dtype, param_dtype=param_dtype,
         attention_backend=pick(args.attention_backend, model and model.attention_backend, DEFAULT_ATTENTION_BACKEND),
         remat_policy=pick(args.remat, model and model.remat_policy, "none"),
-        scan_layers=(args.scan_layers == "yes") if args.scan_layers else not serving, train=train)
+        scan_layers=(args.scan_layers == "yes") if args.scan_layers else not serving, train=train,
+        page_size=args.page_size or 64)
 
 
 def run(args) -> int:
@@ -169,7 +175,7 @@ def run(args) -> int:
         options = programs.runtime_options(request.dtype, request.param_dtype, request.attention_backend,
                                            request.remat_policy, request.scan_layers)
         shape = programs.JobShape(batch=request.batch, seq_len=request.seq_len, max_len=request.max_len,
-                                  grad_accum=request.grad_accum)
+                                  grad_accum=request.grad_accum, page_size=request.page_size)
         start = time.perf_counter()
         program = programs.build_program(request.job, request.config, options, mesh, shape, request.train)
     except (TopologyError, programs.JobError, ValueError, FileNotFoundError) as e:

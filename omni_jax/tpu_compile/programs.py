@@ -11,6 +11,9 @@ Jobs:
            the first token picked.
   decode   one cached decode step of generation.py (the on-device loop, run for one step) over a max_len cache
            holding B rows.
+  paged-decode   one decode step of the continuous-batching engine (paged_generation.decode_step): B slots over
+                 a paged KV cache holding seq_len tokens per slot on average, rows up to max_len; on TPU the
+                 attention is jax's ragged paged attention kernel.
   talker-decode  one talker decode step of speech.py over a max_len talker cache holding B rows.
   token2wav      one streamed Token2Wav round of streaming.py for B rows: the DiT ODE over a chunk window, then
                  BigVGAN over a vocoder window.
@@ -31,7 +34,7 @@ from omni_jax.config import OmniConfig, RuntimeOptions
 from omni_jax.tpu_compile import roofline
 from omni_jax.sharding import batch_sharding, logical_shardings, replicated, rules_context, spec_for
 
-JOBS = ("train", "prefill", "decode", "talker-decode", "token2wav")
+JOBS = ("train", "prefill", "decode", "paged-decode", "talker-decode", "token2wav")
 
 
 class JobError(ValueError):
@@ -44,6 +47,7 @@ class JobShape:
     seq_len: int  # L: train row length / prompt length
     max_len: int  # KV cache slots (prefill, decode)
     grad_accum: int = 1  # k microbatches per train step
+    page_size: int = 64  # paged-decode: tokens per KV cache page
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,6 +307,63 @@ def decode_program(config: OmniConfig, options: RuntimeOptions, mesh: Mesh, shap
     return Program("decode", fn, (params, state), shapes, mesh, model_flops=flops, tokens=shape.batch)
 
 
+def paged_decode_program(config: OmniConfig, options: RuntimeOptions, mesh: Mesh, shape: JobShape) -> Program:
+    """One step of the continuous-batching engine: B slots, each attending its own pages of a pool sized for
+    seq_len tokens per slot on average (rows may reach max_len), pages and the repetition-penalty mask donated.
+    Slots and the pool split over the batch devices (each shard its own pages), kv heads over the head axes."""
+    from omni_jax.kernels.pallas_attention import shard_axes
+    from omni_jax.models.kv_cache import PagedKVCache
+    from omni_jax.paged_generation import decode_step
+    from omni_jax.sampling import SamplingParams
+
+    options = dataclasses.replace(options, scan_layers=False)  # a page pool per layer: unrolled layers
+    _check_rows(shape.batch, mesh, "a slot batch")
+    limit = config.thinker.text.max_position_embeddings
+    if shape.max_len > limit:
+        raise JobError(f"--max-len {shape.max_len} exceeds the model's context of {limit} positions")
+    if shape.seq_len > shape.max_len:
+        raise JobError(f"--seq-len {shape.seq_len} (tokens per slot on average) exceeds --max-len {shape.max_len}")
+    thinker, params, param_shardings = _serving_parts(config, options, mesh)
+    text = config.thinker.text
+    s, page = shape.batch, shape.page_size
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    pages_per_row = -(-shape.max_len // page)
+    pool = -(-(s * -(-shape.seq_len // page) + shards) // shards) * shards  # + a scratch page per shard
+    with jax.set_mesh(mesh), rules_context():
+        batch_axes, head_axes = shard_axes(mesh.abstract_mesh, pool, text.num_key_value_heads)
+    pool_sharding = NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes, None, head_axes, None))
+    stored = jax.eval_shape(lambda: PagedKVCache.init_pages(1, pool, page, text.num_key_value_heads, text.head_dim,
+                                                            jnp.dtype(options.dtype), platform=options.platform))[0]
+    pages = tuple(_abstract(stored.shape, stored.dtype, pool_sharding) for _ in range(text.num_hidden_layers))
+    rows = batch_sharding(mesh, 1, 0)
+    table = batch_sharding(mesh, 2, 0)
+    sampling = jax.tree_util.tree_map(lambda a: _abstract(a.shape, a.dtype, rows),
+                                      jax.eval_shape(lambda: SamplingParams.make(s)))
+    args = (params, pages, _abstract((s,), jnp.int32, rows), _abstract((s,), jnp.int32, rows),
+            _abstract((s, pages_per_row), jnp.int32, table), _abstract((s,), jnp.int32, rows),
+            _abstract((s,), jnp.bool_, rows), sampling, _abstract((s, 2), jnp.uint32, table),
+            _abstract((s, text.vocab_size), jnp.bool_, table), _abstract((s,), jnp.int32, rows))
+
+    def step(params, pages, tokens, positions, page_table, lengths, active, sampling, key_data, seen, counts):
+        def apply(**kwargs):
+            with rules_context():
+                return thinker.apply({"params": params}, **kwargs)
+
+        return decode_step(apply, pages, tokens, positions, page_table, lengths, active, sampling, key_data, seen,
+                           counts, cache_dtype=jnp.dtype(options.dtype))
+
+    in_shardings = (param_shardings, tuple(a.sharding for a in pages)) + tuple(
+        jax.tree_util.tree_map(lambda a: a.sharding, a) for a in args[2:])
+    out_shardings = (rows, in_shardings[1], table, table)
+    fn = jax.jit(step, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=(1, 9))
+    shapes = {"batch": s, "seq_len": shape.seq_len, "max_len": shape.max_len, "page_size": page,
+              "pool_pages": pool, "pages_per_row": pages_per_row, "params": _count(params),
+              "kv_pool": [text.num_hidden_layers] + list(stored.shape)}
+    # each row attends over its own tokens: seq_len on average
+    flops = roofline.decoder_flops(text, s, s * shape.seq_len, forward_only=True)
+    return Program("paged-decode", fn, args, shapes, mesh, model_flops=flops, tokens=s)
+
+
 # ---------------------------------------------------------------------------------------------------- speech
 def _talker_parts(config: OmniConfig, options: RuntimeOptions, mesh: Mesh):
     """(talker, abstract params [with shardings], param shardings): the talker placed by the rule table."""
@@ -429,6 +490,7 @@ def token2wav_program(config: OmniConfig, options: RuntimeOptions, mesh: Mesh, s
 
 
 BUILDERS: dict[str, Callable[..., Program]] = {"prefill": prefill_program, "decode": decode_program,
+                                               "paged-decode": paged_decode_program,
                                                "talker-decode": talker_decode_program, "token2wav": token2wav_program}
 
 
