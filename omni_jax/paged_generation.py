@@ -55,10 +55,12 @@ class PagedPrograms:
             return self.thinker.apply({"params": params}, input_ids, **multimodal, method=Thinker.embed_multimodal)
 
     def _prefill_chunk(self, params, pages, embeds, positions, page_table, lengths, q_lens, sampling, key_data,
-                       seen):
-        """embeds [R, C, D], positions [3, R, C], page_table [R, M], lengths / q_lens [R], seen [R, V] ->
-        (token [R] after each row's last real token, pages, hidden [R, C, D])."""
+                       seen_row, row):
+        """embeds [R, C, D], positions [3, R, C], page_table [R, M], lengths / q_lens [R], seen_row [1, V] (the
+        ids the repetition penalty sees, of the real row `row`) -> (token [R] after each row's last real token,
+        pages, hidden [R, C, D])."""
         chunk = embeds.shape[1]
+        seen = jnp.zeros((embeds.shape[0], seen_row.shape[-1]), bool).at[row].set(seen_row[0])
         segment_ids = (jnp.arange(chunk)[None, :] < q_lens[:, None]).astype(jnp.int32)
         cache = PagedKVCache(pages, page_table, lengths, dtype=jnp.dtype(self.model.options.dtype))
         out = self._apply(params, input_ids=None, positions=positions, segment_ids=segment_ids, cache=cache,

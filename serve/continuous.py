@@ -57,7 +57,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from omni_jax.generation import bucket_length
 from omni_jax.models.kv_cache import PagedKVCache
 from omni_jax.paged_generation import PagedPrograms, sampling_rows
-from serve.engine import AudioChunk, Event, Failed, Finished, TextDelta, _message
+from serve.events import AudioChunk, Event, Failed, Finished, TextDelta, error_message as _message
 from serve.pages import OutOfPages, PageAllocator
 from serve.requests import Request, RequestError, parse_request
 
@@ -163,7 +163,7 @@ class ContinuousEngine:
         self.has_speech = speech is not None
         self.speakers = sorted(speech.speakers) if speech is not None else []
         self._pages = self._new_pages()
-        self._seen = jnp.zeros((self.max_slots, text.vocab_size), bool)
+        self._seen = self._zeros((self.max_slots, text.vocab_size), bool)
         self._slots: list[Optional[_Row]] = [None] * self.max_slots
         self._waiting: "collections.deque[_Row]" = collections.deque()
         self._seq = itertools.count()
@@ -202,11 +202,37 @@ class ContinuousEngine:
 
     def _new_pages(self) -> tuple:
         text = self.model.config.thinker.text
-        pages = PagedKVCache.init_pages(text.num_hidden_layers, self.allocator.num_pages, self.page_size,
-                                        text.num_key_value_heads, text.head_dim, jnp.dtype(self.model.options.dtype),
-                                        platform=self.platform)
+
+        def init():
+            return PagedKVCache.init_pages(text.num_hidden_layers, self.allocator.num_pages, self.page_size,
+                                           text.num_key_value_heads, text.head_dim,
+                                           jnp.dtype(self.model.options.dtype), platform=self.platform)
+
         sharding = self._pool_sharding()
-        return pages if sharding is None else tuple(jax.device_put(p, sharding) for p in pages)
+        if sharding is None:
+            return init()
+        return jax.jit(init, out_shardings=(sharding,) * text.num_hidden_layers)()  # made in place, never on host
+
+    # Host <-> device. Under a mesh every array is a global one (the same host values on every process of a
+    # multi-host run, each feeding its own devices), and results are gathered from all processes.
+    def _put(self, x):
+        x = np.asarray(x)
+        mesh = self.model.mesh
+        if mesh is None:
+            return jnp.asarray(x)
+        return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec()), lambda index: x[index])
+
+    def _zeros(self, shape, dtype):
+        mesh = self.model.mesh
+        if mesh is None:
+            return jnp.zeros(shape, dtype)
+        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=NamedSharding(mesh, PartitionSpec()))()
+
+    @staticmethod
+    def _host(x) -> np.ndarray:
+        from omni_jax.api import _to_host
+
+        return _to_host(x)
 
     # ------------------------------------------------------------------------------------------ requests
     def parse(self, obj: Mapping[str, Any], base_dir: Optional[str] = None) -> Request:
@@ -228,7 +254,7 @@ class ContinuousEngine:
         prompt_len = int(batch["input_ids"].shape[1])
         if prompt_len + request.max_new_tokens > self.max_model_len:
             raise ValueError(f"prompt too long: {prompt_len} prompt tokens + max_new_tokens "
-                             f"{request.max_new_tokens} exceed the context of {self.max_model_len} tokens")
+                             f"{request.max_new_tokens} exceed the context of {self.max_model_len} positions")
         inputs = self.model.prepare(batch, request.use_audio_in_video)
         return PreparedRequest(request, inputs, prompt_len, time.perf_counter() - start)
 
@@ -395,14 +421,15 @@ class ContinuousEngine:
         length = bucket_length(row.prompt_len)
         ids = np.full((1, length), self.model._pad_id(None), np.int32)
         ids[:, : row.prompt_len] = inputs.input_ids
-        multimodal = inputs.multimodal()
+        multimodal = {k: None if v is None else jax.tree_util.tree_map(self._put, v)
+                      for k, v in (("audio", inputs.audio), ("image", inputs.image), ("video", inputs.video))}
         shape = (length,) + tuple((k, tuple(np.shape(x) for x in jax.tree_util.tree_leaves(v)))
                                   for k, v in multimodal.items() if v is not None)
         self.embed_shapes.add(shape)
         valid = (np.arange(length) < row.prompt_len)[None]
         with self.model._mesh_context():
-            row.embeds = self.programs.embed(self.model.params["thinker"], jnp.asarray(ids), multimodal)
-            row.prompt_seen = self.programs.prompt_seen(jnp.asarray(ids), jnp.asarray(valid))
+            row.embeds = self.programs.embed(self.model.params["thinker"], self._put(ids), multimodal)
+            row.prompt_seen = self.programs.prompt_seen(self._put(ids), self._put(valid))
 
     def _shard_of(self, slot: int) -> int:
         return slot // self.slots_per_shard
@@ -434,7 +461,9 @@ class ContinuousEngine:
         rows = self.num_shards  # one real row, at its shard's index
         r = self._shard_of(row.slot)
         start = row.prefilled
-        embeds = self.programs.chunk_embeds(row.embeds, jnp.int32(start), jnp.int32(r), rows=rows, chunk=chunk)
+        with self.model._mesh_context():
+            embeds = self.programs.chunk_embeds(row.embeds, self._put(np.int32(start)), self._put(np.int32(r)),
+                                                rows=rows, chunk=chunk)
         positions = np.zeros((3, rows, chunk), np.int32)
         positions[:, r, :n] = row.prepared.inputs.positions[:, 0, start:start + n]
         widths = self._page_width([row])
@@ -447,21 +476,21 @@ class ContinuousEngine:
         sampling = self._sampling([row.request] if r == 0 else [None] * r + [row.request], rows)
         key_data = np.zeros((rows, 2), np.uint32)
         key_data[r] = row.key_data
-        seen = jnp.zeros((rows, self.programs.vocab_size), bool).at[r].set(row.prompt_seen[0])
         self.prefill_shapes.add(chunk)
         with self.model._mesh_context():
             token, self._pages, hidden = self.programs.prefill_chunk(
-                self.model.params["thinker"], self._pages, embeds, jnp.asarray(positions), jnp.asarray(table),
-                jnp.asarray(lengths), jnp.asarray(q_lens), sampling, jnp.asarray(key_data), seen)
+                self.model.params["thinker"], self._pages, embeds, self._put(positions), self._put(table),
+                self._put(lengths), self._put(q_lens), sampling, self._put(key_data), row.prompt_seen,
+                self._put(np.int32(r)))
         if row.request.return_audio:
             row.prefill_hidden.append(hidden[r, :n])
         row.prefilled += n
         self.stats["prefill_tokens"] += n
         if row.prefilled == row.prompt_len:
-            first = int(np.asarray(token)[r])
+            first = int(self._host(token)[r])
             with self.model._mesh_context():
-                self._seen = self.programs.set_seen_rows(self._seen, jnp.asarray([row.slot]), row.prompt_seen,
-                                                         jnp.asarray([first], jnp.int32))
+                self._seen = self.programs.set_seen_rows(self._seen, self._put(np.asarray([row.slot], np.int32)),
+                                                         row.prompt_seen, self._put(np.asarray([first], np.int32)))
             row.first_token_at = time.perf_counter()
             self._accept(row, first)
 
@@ -480,7 +509,8 @@ class ContinuousEngine:
             if len(self._sampling_cache) > 256:
                 self._sampling_cache.clear()
             greedy = Request(id="-", messages=[])
-            self._sampling_cache[key] = sampling_rows([greedy if r is None else r for r in requests], rows)
+            params = sampling_rows([greedy if r is None else r for r in requests], rows)
+            self._sampling_cache[key] = jax.tree_util.tree_map(lambda a: self._put(np.asarray(a)), params)
         return self._sampling_cache[key]
 
     def _decode(self) -> None:
@@ -515,10 +545,10 @@ class ContinuousEngine:
         try:
             with self.model._mesh_context():
                 out, self._pages, self._seen, hidden = self.programs.decode_step(
-                    self.model.params["thinker"], self._pages, jnp.asarray(tokens), jnp.asarray(positions),
-                    jnp.asarray(table), jnp.asarray(lengths), jnp.asarray(active), self._sampling(requests, s),
-                    jnp.asarray(key_data), self._seen, jnp.asarray(counts))
-            out = np.asarray(out)
+                    self.model.params["thinker"], self._pages, self._put(tokens), self._put(positions),
+                    self._put(table), self._put(lengths), self._put(active), self._sampling(requests, s),
+                    self._put(key_data), self._seen, self._put(counts))
+            out = self._host(out)
         except Exception as err:  # noqa: BLE001 - the step's rows cannot be told apart: all of them fail
             log.exception("decode step failed")
             for row in rows:
@@ -545,7 +575,7 @@ class ContinuousEngine:
             if row is not None:
                 self._preempt(row)
         self._pages = self._new_pages()
-        self._seen = jnp.zeros(self._seen.shape, bool)
+        self._seen = self._zeros(self._seen.shape, bool)
 
     # ------------------------------------------------------------------------------------------ rows
     def _accept(self, row: _Row, token: int) -> None:

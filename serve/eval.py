@@ -140,7 +140,7 @@ def run_eval(model: str, requests: str, out: str, audio_dir: Optional[str] = Non
     from omni_jax.api import OmniModel
     from omni_jax.processing.processor import Processor
     from serve.continuous import ContinuousEngine
-    from serve.engine import SAMPLE_RATE, Failed, Finished
+    from serve.events import SAMPLE_RATE, Failed, Finished
 
     omni = OmniModel.from_pretrained(model, dtype=dtype, mesh_shape=mesh_shape)
     if omni.tokenizer is None:

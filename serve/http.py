@@ -34,7 +34,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve.continuous import ContinuousEngine
-from serve.engine import AudioChunk, Failed, Finished, TextDelta
+from serve.events import AudioChunk, Failed, Finished, TextDelta
 from serve.openai_format import (BadRequest, chunk, completion, error_body, param_of, pcm16_bytes, to_engine_request,
                                  to_openai_message, usage)
 from serve.requests import RequestError

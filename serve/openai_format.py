@@ -27,7 +27,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from serve.engine import SAMPLE_RATE
+from serve.events import SAMPLE_RATE
 
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction",
                             "reasoning_effort", "frequency_penalty", "presence_penalty", "logit_bias"})

@@ -13,7 +13,7 @@ import soundfile
 
 from media import write_image, write_wav
 from serve.eval import read_done, run_eval
-from test_engine import MAX_POSITIONS, build_model_dir, user
+from served_model import MAX_POSITIONS, build_model_dir, user
 
 GOOD = {
     "plain": {"messages": user("Hello, who are you?"), "max_new_tokens": 6},

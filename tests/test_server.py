@@ -20,7 +20,7 @@ import pytest
 import soundfile
 
 from media import write_image
-from test_engine import build_model_dir
+from served_model import build_model_dir
 
 GREEDY = dict(temperature=0, max_tokens=8)
 
