@@ -19,6 +19,7 @@ declare -A RUNS=(
   [7b_prefill_v5e8]="--topology v5e:2x4 --job prefill --serve-config $S5"
   [7b_decode_v5e8]="--topology v5e:2x4 --job decode --serve-config $S5"
   [7b_paged_decode_v5e8]="--topology v5e:2x4 --job paged-decode --serve-config $S5"
+  [7b_paged_decode_v5e8_dp2]="--topology v5e:2x4 --job paged-decode --serve-config $S5 --mesh data=2,fsdp=1,tensor=4"
   [7b_talker_decode_v5e8]="--topology v5e:2x4 --job talker-decode --serve-config $S5"
   [7b_token2wav_v5e8]="--topology v5e:2x4 --job token2wav --serve-config $S5"
   [7b_prefill_v6e8]="--topology v6e:2x4 --job prefill --serve-config $S6"
@@ -28,7 +29,7 @@ declare -A RUNS=(
   [7b_token2wav_v6e8]="--topology v6e:2x4 --job token2wav --serve-config $S6"
 )
 ORDER=(7b_train_v6e16 7b_train_v6e16_seq32k 7b_multimodal_v6e16 7b_train_v5p8 3b_train_v5e8
-       7b_prefill_v5e8 7b_decode_v5e8 7b_paged_decode_v5e8 7b_talker_decode_v5e8 7b_token2wav_v5e8
+       7b_prefill_v5e8 7b_decode_v5e8 7b_paged_decode_v5e8 7b_paged_decode_v5e8_dp2 7b_talker_decode_v5e8 7b_token2wav_v5e8
        7b_prefill_v6e8 7b_decode_v6e8 7b_paged_decode_v6e8 7b_talker_decode_v6e8 7b_token2wav_v6e8)
 [ $# -gt 0 ] && ORDER=("$@")
 for name in "${ORDER[@]}"; do

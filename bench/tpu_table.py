@@ -11,8 +11,9 @@ import sys
 
 GiB = 1024 ** 3
 ORDER = ("7b_train_v6e16", "7b_train_v6e16_seq32k", "7b_multimodal_v6e16", "7b_train_v5p8", "3b_train_v5e8",
-         "7b_prefill_v5e8", "7b_decode_v5e8", "7b_talker_decode_v5e8", "7b_token2wav_v5e8",
-         "7b_prefill_v6e8", "7b_decode_v6e8", "7b_talker_decode_v6e8", "7b_token2wav_v6e8")
+         "7b_prefill_v5e8", "7b_decode_v5e8", "7b_paged_decode_v5e8", "7b_paged_decode_v5e8_dp2",
+         "7b_talker_decode_v5e8", "7b_token2wav_v5e8",
+         "7b_prefill_v6e8", "7b_decode_v6e8", "7b_paged_decode_v6e8", "7b_talker_decode_v6e8", "7b_token2wav_v6e8")
 
 
 def describe(r: dict) -> str:
@@ -23,6 +24,9 @@ def describe(r: dict) -> str:
         return f"train {s['batch']} x {s['seq_len']}{media}"
     if job == "prefill":
         return f"prefill {s['batch']} x {s['seq_len']} into {s['max_len']} slots"
+    if job == "paged-decode":
+        return (f"paged decode step, {s['batch']} slots x {s['seq_len']} tokens on average (rows up to "
+                f"{s['max_len']}, pages of {s['page_size']})")
     if job in ("decode", "talker-decode"):
         return f"{job} step, {s['batch']} rows over {s['max_len']} slots"
     return f"token2wav round, {s['batch']} rows"

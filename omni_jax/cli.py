@@ -160,7 +160,7 @@ def _cmd_serve(args) -> int:
         return 2
     engine = ContinuousEngine(model, Processor.from_pretrained(args.model), max_slots=args.max_slots,
                               page_size=args.page_size, kv_pages=args.kv_pages, max_model_len=args.max_model_len,
-                              chunk_size=args.chunk_size)
+                              chunk_size=args.chunk_size, max_audio_tokens=args.max_audio_tokens)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     serve(engine, name, host=args.host, port=args.port, graceful_timeout=args.graceful_timeout)
     return 0
@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pages in the KV cache pool (default: every slot can hold --max-model-len tokens)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + reply (default: the model's)")
     p.add_argument("--chunk-size", type=int, default=512, help="most prompt tokens per prefill step")
+    p.add_argument("--max-audio-tokens", type=int, default=None,
+                   help="most talker codec tokens of a spoken reply (50 per second; default: the model's 4096)")
     p.add_argument("--graceful-timeout", type=float, default=None,
                    help="seconds to wait for requests in flight at shutdown (default: until they finish)")
     p.set_defaults(fn=_cmd_serve)

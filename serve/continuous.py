@@ -130,11 +130,13 @@ class ContinuousEngine:
       chunk_size: most prompt tokens of one prefill call; prompt chunks are bucketed to powers of two from 16.
       prefill_budget: most prompt tokens prefilled per step (default: chunk_size).
       eos_token_id: end token(s) (default: the model's).
+      max_audio_tokens: most talker codec tokens of a spoken reply (50 per second; default: the release's 4096);
+        a request's own `talker.max_new_tokens` may ask for fewer.
     """
 
     def __init__(self, model, processor, max_slots: int = 16, page_size: int = 16, kv_pages: Optional[int] = None,
                  max_model_len: Optional[int] = None, chunk_size: int = 512, prefill_budget: Optional[int] = None,
-                 eos_token_id=None):
+                 eos_token_id=None, max_audio_tokens: Optional[int] = None):
         if model.options.scan_layers:
             raise ValueError("the continuous engine needs a model loaded with scan_layers=False (unrolled layers)")
         self.model = model
@@ -161,6 +163,7 @@ class ContinuousEngine:
         self.eos_ids = frozenset(int(e) for e in (eos if isinstance(eos, (list, tuple, set, frozenset)) else [eos]))
         speech = getattr(model, "speech", None)
         self.has_speech = speech is not None
+        self.max_audio_tokens = max_audio_tokens
         self.speakers = sorted(speech.speakers) if speech is not None else []
         self._pages = self._new_pages()
         self._seen = self._zeros((self.max_slots, text.vocab_size), bool)
@@ -185,6 +188,7 @@ class ContinuousEngine:
         self._wake = threading.Condition(self._lock)
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
+        self._drain = True
         self._on_event: Optional[Callable[[Event], None]] = None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -330,16 +334,17 @@ class ContinuousEngine:
 
     def _loop(self) -> None:
         while True:
+            self._dispatch()  # before any wait: the speech thread may have queued a request's last event
             with self._lock:
-                while not self.has_work and not self._stopping:
-                    self._wake.wait()
                 if self._stopping and (not self._drain or not self.has_work):
                     break
+                if not self.has_work:
+                    self._wake.wait(timeout=0.05)
+                    continue
             if any(r is not None for r in self._slots) or self._waiting or self._cancelled:
                 self.step()
             else:
-                time.sleep(0.005)
-            self._dispatch()
+                time.sleep(0.005)  # only speech jobs in flight
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -719,8 +724,12 @@ class ContinuousEngine:
             index[0] += 1
 
         stream = TalkerAudioStream(StreamingToken2Wav(model.speech, voice, rows=1, seed=request.seed), on_audio)
-        model._talk(row.prepared.inputs, state, prefill_out, voice, sorted(self.eos_ids), request.seed,
-                    dict(request.talker or {}), on_codes=stream)
+        settings = dict(request.talker or {})
+        if self.max_audio_tokens:
+            settings["max_new_tokens"] = min(int(settings.get("max_new_tokens", self.max_audio_tokens)),
+                                             self.max_audio_tokens)
+        model._talk(row.prepared.inputs, state, prefill_out, voice, sorted(self.eos_ids), request.seed, settings,
+                    on_codes=stream)
         chunks = stream.close()
         audio = np.asarray(chunks[0], np.float32)
         if index[0] == 0:

@@ -34,7 +34,7 @@ def _free_port() -> int:
 def _start(model_dir: str, port: int, log_path) -> subprocess.Popen:
     log = open(log_path, "w")
     cmd = [sys.executable, "-m", "omni_jax", "serve", "--model", model_dir, "--port", str(port), "--max-slots", "4",
-           "--served-model-name", "tiny-omni"]
+           "--served-model-name", "tiny-omni", "--max-audio-tokens", "60"]  # the random talker never ends
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 

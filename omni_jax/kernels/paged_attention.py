@@ -52,22 +52,23 @@ def write_pages(pages: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array) 
 
 
 def _xla_paged_attention(q, pages, page_table, kv_lens, q_lens, *, scale: float, cache_dtype, platform: str):
-    """Gather each row's pages and run the masked attention of models.attention over them."""
-    from omni_jax.models.attention import AttentionMask, attention
-    from omni_jax.models.kv_cache import from_storage
+    """Gather each row's pages into a contiguous cache and attend over it with models.attention's
+    `cached_attention` (one layer): in a CPU program a decode step then runs on the CPU cache-attention kernel,
+    which reads only up to the last slot any row attends to."""
+    from omni_jax.models.attention import AttentionMask, cached_attention
 
     batch, t, _, _ = q.shape
     _, p, kk, d = pages.shape
     m = page_table.shape[1]
-    view = from_storage(pages[page_table].reshape(batch, m * p, kk, d), cache_dtype)  # [B, S = M*P, 2K, d]
-    k, v = view[:, :, 0::2], view[:, :, 1::2]
+    view = pages[page_table].reshape(batch, m * p, kk, d)  # [B, S = M*P, 2K, d] in the pool's storage dtype
+    k, v = view[None, :, :, 0::2], view[None, :, :, 1::2]  # [1, B, S, K, d]: a one-layer stacked cache
     token = jnp.arange(t, dtype=jnp.int32)[None, :]
     q_slots = (kv_lens - q_lens)[:, None] + token  # [B, T] cache index of each query
     q_seg = (token < q_lens[:, None]).astype(jnp.int32)  # padded queries: segment 0 (attend nothing)
     kv_slots = jnp.broadcast_to(jnp.arange(m * p, dtype=jnp.int32), (batch, m * p))
     kv_seg = (kv_slots < kv_lens[:, None]).astype(jnp.int32)
     mask = AttentionMask(q_seg, kv_seg, q_slots, kv_slots, causal=True)
-    return attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=scale, backend="xla", platform=platform)
+    return cached_attention(q, k, v, 0, cache_dtype, mask, scale=scale, backend="xla", platform=platform)
 
 
 def _target_device_kind() -> str:
@@ -108,6 +109,9 @@ def _tpu_paged_attention(q, pages, page_table, kv_lens, q_lens, *, scale: float)
     from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
 
     batch, t, h, d = q.shape
+    if d % 128:
+        raise ValueError(f"jax's ragged paged attention kernel needs a head size that is a multiple of 128 (TPU "
+                         f"lanes); this model's is {d}")
     if batch > 1 and t > 1:
         raise ValueError(f"paged attention on TPU takes one row of tokens or rows of one token; got {q.shape}")
     flat_q = q.reshape(batch * t, h, d)
