@@ -244,11 +244,13 @@ def test_decode_step_compiles(tmp_path, capsys):
 def test_paged_decode_step_compiles_with_the_ragged_paged_attention_kernel(tmp_path, capsys):
     """The continuous engine's decode step (omni_jax/paged_generation.py) for TPU: 8 slots over a pool of 16-token
     pages split over the data axis, kv heads over tensor; one ragged paged attention kernel per layer, the pools
-    updated in place. The kernel needs 128-lane heads: the tiny LM gets head_dim 128."""
+    updated in place. The kernel needs 128-lane heads: the tiny LM gets head_dim 128 (and M-RoPE sections to
+    match)."""
     code, report, out, _ = compile_json(tmp_path, capsys, "--topology", "v6e:2x2", "--job", "paged-decode",
                                         "--mesh", "data=2,tensor=2", "--batch", "8", "--seq-len", "64",
                                         "--max-len", "256", "--page-size", "16",
-                                        "--override", "thinker.text.head_dim=128")
+                                        "--override", "thinker.text.head_dim=128",
+                                        "--override", "thinker.text.mrope_section=[16,24,24]")
     assert code == 0, out
     check_sane(report, "paged-decode", "v6e:2x2", {"data": 2, "fsdp": 1, "tensor": 2})
     assert report["shapes"]["pool_pages"] == 8 * 64 // 16 + 2 and report["shapes"]["pages_per_row"] == 16

@@ -124,9 +124,13 @@ def _tpu_paged_attention(q, pages, page_table, kv_lens, q_lens, *, scale: float)
     lens = jnp.maximum(kv_lens, 1).astype(jnp.int32)
     pages = pages.astype(q.dtype) if pages.dtype != q.dtype else pages
     pages_per_block, queries_per_block = kernel_block_sizes(flat_q, pages, page_table)
-    out = ragged_paged_attention(flat_q, pages, lens, page_table.astype(jnp.int32), cu_q_lens, num_seqs,
-                                 sm_scale=scale, num_kv_pages_per_block=pages_per_block,
-                                 num_queries_per_block=queries_per_block)
+    # The kernel's dots take the operands' own precision: a 16-bit cache is a bf16 x bf16 MXU product with float32
+    # sums; a process-wide "highest" (as the tests set) would ask Mosaic for fp32 passes over bf16 and fail.
+    precision = "default" if jnp.dtype(pages.dtype).itemsize == 2 else "highest"
+    with jax.default_matmul_precision(precision):
+        out = ragged_paged_attention(flat_q, pages, lens, page_table.astype(jnp.int32), cu_q_lens, num_seqs,
+                                     sm_scale=scale, num_kv_pages_per_block=pages_per_block,
+                                     num_queries_per_block=queries_per_block)
     return out.reshape(batch, t, h, d)
 
 
