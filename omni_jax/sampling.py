@@ -187,10 +187,8 @@ def select_tokens_per_row(logits: jax.Array, params: SamplingParams, keys: jax.A
     if seen is not None:
         logits = jax.lax.cond(uses_penalty, lambda x: penalise(x, params, seen), lambda x: x.astype(jnp.float32),
                               logits)
-    params_no_penalty = params.replace(repetition_penalty=jnp.ones_like(params.repetition_penalty))
-
     def sample(logits):
-        processed = process_logits(logits, params_no_penalty)
+        processed = process_logits(logits, params)  # no `seen`: the penalty is applied above
         noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], logits.dtype))(keys)  # [B, V]
         drawn = argmax(processed + noise)
         return jnp.where(params.temperature == 0, argmax(processed), drawn).astype(jnp.int32)

@@ -28,9 +28,9 @@ that exist, not slots x max length. When a step needs a page and none is free, t
 preempted: its pages are freed and it starts over later from its prompt. It reproduces the same tokens (see above),
 and the text it had already streamed is not sent twice.
 
-Speech. A row that asked for audio decodes its text among the others, keeping its hidden states; when it ends, a
-speech thread runs the talker and the streaming Token2Wav for it (`OmniModel._talk`, `streaming`), emitting audio
-chunks as they are made, while the thinker slots go on. Talker rows run one at a time (see docs/serving.md).
+Speech. A row that asked for audio decodes its text among the others, keeping its hidden states; when it ends,
+`serve.speech_stage` runs the talker and the streaming Token2Wav for it on a thread, emitting audio chunks as they
+are made, while the thinker slots go on. Talker rows run one at a time (see docs/serving.md).
 
 Timings (seconds) in `Finished.timings`: queue (submit -> admitted), preprocess (processor on the request),
 prefill (admitted -> first token: embedding, all prefill chunks, waiting for other work), ttft (submit -> first
@@ -59,6 +59,7 @@ from omni_jax.models.kv_cache import PagedKVCache
 from omni_jax.paged_generation import PagedPrograms, sampling_rows
 from serve.events import AudioChunk, Event, Failed, Finished, TextDelta, error_message as _message
 from serve.pages import OutOfPages, PageAllocator
+from serve.speech_stage import SpeechStage
 from serve.requests import Request, RequestError, parse_request
 
 __all__ = ["ContinuousEngine", "PreparedRequest", "TextDelta", "AudioChunk", "Finished", "Failed", "Event"]
@@ -173,9 +174,6 @@ class ContinuousEngine:
         self._lock = threading.RLock()
         self._cancelled: set[int] = set()
         self._events: "queue.Queue[Event]" = queue.Queue()
-        self._speech_jobs: "queue.Queue[Optional[_Row]]" = queue.Queue()
-        self._speaking = 0
-        self._speech_thread: Optional[threading.Thread] = None
         self._sampling_cache: dict[tuple, Any] = {}
         # compiled shapes, for callers that check that bucketing keeps them few
         self.prefill_shapes: set[int] = set()
@@ -190,6 +188,7 @@ class ContinuousEngine:
         self._stopping = False
         self._drain = True
         self._on_event: Optional[Callable[[Event], None]] = None
+        self._speech = SpeechStage(model, self._emit, self._speech_done, max_audio_tokens, self.eos_ids)
 
     # ------------------------------------------------------------------------------------------ setup
     def _pool_sharding(self):
@@ -284,7 +283,7 @@ class ContinuousEngine:
     @property
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._waiting) or any(r is not None for r in self._slots) or self._speaking > 0
+            return bool(self._waiting) or any(r is not None for r in self._slots) or self._speech.pending > 0
 
     @property
     def num_active(self) -> int:
@@ -358,6 +357,10 @@ class ContinuousEngine:
 
     def _emit(self, event: Event) -> None:
         self._events.put(event)
+
+    def _speech_done(self) -> None:
+        with self._lock:
+            self._wake.notify_all()
 
     # ------------------------------------------------------------------------------------------ one step
     def step(self) -> None:
@@ -478,7 +481,7 @@ class ContinuousEngine:
         lengths[r] = start
         q_lens = np.zeros((rows,), np.int32)
         q_lens[r] = n
-        sampling = self._sampling([row.request] if r == 0 else [None] * r + [row.request], rows)
+        sampling = self._sampling([None] * r + [row.request], rows)
         key_data = np.zeros((rows, 2), np.uint32)
         key_data[r] = row.key_data
         self.prefill_shapes.add(chunk)
@@ -574,7 +577,7 @@ class ContinuousEngine:
     def _reset_device_state_if_lost(self) -> None:
         """After a failed call whose donated buffers are gone, start over with empty pages (rows in flight are
         failed by the caller or restarted here)."""
-        if all(not getattr(p, "is_deleted", lambda: False)() for p in self._pages) and not self._seen.is_deleted():
+        if not any(p.is_deleted() for p in self._pages) and not self._seen.is_deleted():
             return
         for row in list(self._slots):
             if row is not None:
@@ -664,74 +667,6 @@ class ContinuousEngine:
             "tokens_per_s": len(row.tokens) / max(end - row.admitted_at, 1e-9), "preemptions": row.preemptions,
         }
         if row.request.return_audio:
-            self._speak_later(row, reason, timings)
+            self._speech.submit(row, reason, timings)
             return
         self._emit(Finished(row.request, row.text, list(row.tokens), reason, None, timings))
-
-    # ------------------------------------------------------------------------------------------ speech
-    def _speak_later(self, row: _Row, reason: str, timings: dict) -> None:
-        with self._lock:
-            self._speaking += 1
-            if self._speech_thread is None:
-                self._speech_thread = threading.Thread(target=self._speech_loop, name="omni-jax-speech", daemon=True)
-                self._speech_thread.start()
-        self._speech_jobs.put((row, reason, timings))
-
-    def _speech_loop(self) -> None:
-        while True:
-            job = self._speech_jobs.get()
-            row, reason, timings = job
-            try:
-                audio = self._speak(row)
-                timings["speech"] = time.perf_counter() - row.submitted - timings["total"]
-                timings["total"] = time.perf_counter() - row.submitted
-                self._emit(Finished(row.request, row.text, list(row.tokens), reason, audio, timings))
-            except Exception as err:  # noqa: BLE001 - the request fails alone
-                log.exception("speech failed for %s", row.request.id)
-                self._emit(Failed(row.request, f"speech failed: {_message(err)}", kind="internal"))
-            finally:
-                with self._lock:
-                    self._speaking -= 1
-                    self._wake.notify_all()
-
-    def _speak(self, row: _Row) -> np.ndarray:
-        """Talker + streamed Token2Wav for one finished row, as `OmniModel.generate(return_audio=True)` runs them
-        for a batch of one with the request's seed."""
-        from types import SimpleNamespace
-
-        from omni_jax.streaming import StreamingToken2Wav, TalkerAudioStream
-        from omni_jax.voices import resolve_voice
-
-        model, request = self.model, row.request
-        if len(row.tokens) < 2:
-            raise ValueError("speech needs at least 2 generated thinker tokens (the talker consumes the reply one "
-                             "token behind)")
-        voice = resolve_voice(model.speech.speakers, request.speaker)
-        length = row.prompt_len
-        prefill_out = SimpleNamespace(inputs_embeds=row.embeds[:, :length],
-                                      hidden_states=jnp.concatenate(row.prefill_hidden, axis=0)[None, :length])
-        hidden = jnp.stack(row.hidden, axis=0)[None] if row.hidden else None
-        num = len(row.tokens)
-        if hidden is None or hidden.shape[1] < num:  # the last token is never fed: pad its (unread) hidden state
-            dim = prefill_out.hidden_states.shape[-1]
-            pad = jnp.zeros((1, num - (0 if hidden is None else hidden.shape[1]), dim), prefill_out.hidden_states.dtype)
-            hidden = pad if hidden is None else jnp.concatenate([hidden, pad], axis=1)
-        state = SimpleNamespace(tokens=jnp.asarray([row.tokens], jnp.int32), hidden=hidden, step=num)
-        index = [0]
-
-        def on_audio(_, chunk):
-            self._emit(AudioChunk(request, np.asarray(chunk, np.float32), index[0]))
-            index[0] += 1
-
-        stream = TalkerAudioStream(StreamingToken2Wav(model.speech, voice, rows=1, seed=request.seed), on_audio)
-        settings = dict(request.talker or {})
-        if self.max_audio_tokens:
-            settings["max_new_tokens"] = min(int(settings.get("max_new_tokens", self.max_audio_tokens)),
-                                             self.max_audio_tokens)
-        model._talk(row.prepared.inputs, state, prefill_out, voice, sorted(self.eos_ids), request.seed, settings,
-                    on_codes=stream)
-        chunks = stream.close()
-        audio = np.asarray(chunks[0], np.float32)
-        if index[0] == 0:
-            self._emit(AudioChunk(request, audio, 0))
-        return audio

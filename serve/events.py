@@ -13,12 +13,10 @@ from serve.requests import Request, RequestError
 __all__ = ["TextDelta", "AudioChunk", "Finished", "Failed", "Event", "SAMPLE_RATE", "error_message"]
 
 
-@dataclasses.dataclass
-class TextDelta:
-    """Newly decoded text of a request, as it streams (complete UTF-8 characters only)."""
+class _OfRequest:
+    """`id`: the id of the event's request."""
 
     request: Request
-    text: str
 
     @property
     def id(self) -> str:
@@ -26,20 +24,24 @@ class TextDelta:
 
 
 @dataclasses.dataclass
-class AudioChunk:
+class TextDelta(_OfRequest):
+    """Newly decoded text of a request, as it streams (complete UTF-8 characters only)."""
+
+    request: Request
+    text: str
+
+
+@dataclasses.dataclass
+class AudioChunk(_OfRequest):
     """A piece of a request's speech (float32 at SAMPLE_RATE), in order; the chunks add up to `Finished.audio`."""
 
     request: Request
     audio: np.ndarray
     index: int  # 0, 1, ... per request
 
-    @property
-    def id(self) -> str:
-        return self.request.id
-
 
 @dataclasses.dataclass
-class Finished:
+class Finished(_OfRequest):
     """A completed request. The text deltas add up to `text`."""
 
     request: Request
@@ -49,22 +51,14 @@ class Finished:
     audio: Optional[np.ndarray]  # float32 waveform at SAMPLE_RATE, or None
     timings: dict[str, float]
 
-    @property
-    def id(self) -> str:
-        return self.request.id
-
 
 @dataclasses.dataclass
-class Failed:
+class Failed(_OfRequest):
     """A request that could not be served; `error` says why."""
 
     request: Request
     error: str
     kind: str = "invalid"  # "invalid" (the request: a 4xx), "internal" (generation failed: a 5xx) or "cancelled"
-
-    @property
-    def id(self) -> str:
-        return self.request.id
 
 
 Event = Union[TextDelta, AudioChunk, Finished, Failed]

@@ -172,4 +172,4 @@ def serve(engine: ContinuousEngine, model_name: str, host: str = "127.0.0.1", po
 
     config = uvicorn.Config(create_app(engine, model_name), host=host, port=port, log_level="info",
                             timeout_graceful_shutdown=graceful_timeout)
-    uvicorn.Server(config).serve_sync() if hasattr(uvicorn.Server, "serve_sync") else uvicorn.Server(config).run()
+    uvicorn.Server(config).run()
